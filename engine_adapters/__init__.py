@@ -1,0 +1,1 @@
+"""Where kvcache plugs in: ``hf`` (transformers), ``vllm`` (plugin + launcher), ``diffusers`` (DiT hooks)."""

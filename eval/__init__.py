@@ -1,0 +1,1 @@
+"""How well: lm-eval-harness model and shipped tasks, accuracy sweeps, throughput/memory benchmarks."""

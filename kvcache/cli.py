@@ -1,0 +1,44 @@
+"""The ``kvcache`` command line. Each subcommand lives in its own module, imported only when used, so
+``kvcache policies`` works with nothing but torch installed.
+
+A subcommand module defines ``add_arguments(parser)`` and ``run(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "policies": ("kvcache.policies_cli", "list registered policies with their parameters and defaults"),
+    "models": ("engine_adapters.hf.models_cli", "list the embedded models, or print a converted model folder"),
+    "generate": ("engine_adapters.hf.generate_cli", "generate with a KV policy on a Hugging Face model"),
+    "demo": ("engine_adapters.hf.demo_cli", "full cache beside a compressed one on a long built-in document"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvcache", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (_, help_text) in SUBCOMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in SUBCOMMANDS:
+        build_parser().parse_args(argv)  # prints usage or the "invalid choice" error
+        return 2
+    module_name, help_text = SUBCOMMANDS[argv[0]]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"kvcache {argv[0]}", description=help_text)
+    module.add_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

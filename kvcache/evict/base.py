@@ -1,0 +1,102 @@
+"""The shape every eviction policy shares: tensors in, per-slot scores out.
+
+A policy never sees an engine object. Each forward pass, for one layer, it receives an
+:class:`Observation` (the queries of this pass and every slot the layer holds now) and the scores it
+returned for those slots last time, and returns new scores ``[B, H_kv, T]``. Higher means keep. The
+shared selector (:mod:`kvcache.selector`) turns scores, the budget and the protected positions (sinks
+and the recent window) into the slots to keep.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from kvcache.registry import PolicyConfigError
+
+
+@dataclass
+class Observation:
+    """What a policy may look at for one layer at one forward pass.
+
+    Slots are the layer's physical cache entries (kept tokens plus the tokens of this pass). Their
+    order is arbitrary; ``key_index`` gives each slot's logical position (its index in the sequence,
+    padding included), which is what causality and recency are judged by.
+    """
+
+    queries: torch.Tensor  # [B, H_q, q, D], post-RoPE queries of this pass
+    keys: torch.Tensor  # [B, H_kv, T, D], every slot the layer holds now (post-RoPE)
+    key_index: torch.Tensor  # [B, H_kv, T] logical position of each slot
+    key_valid: torch.Tensor  # [B, H_kv, T] False for padding and empty slots
+    query_index: torch.Tensor  # [B, q] logical position of each query
+    scaling: float  # softmax scale, usually 1/sqrt(D)
+    step: int  # 0 for the prompt pass(es), t for the t-th generated token
+    max_new_tokens: int | None = None  # the request's generation length, if known
+
+    @property
+    def group_size(self) -> int:
+        return self.queries.shape[1] // self.keys.shape[1]
+
+
+class EvictionPolicy(abc.ABC):
+    """Base of every ``evict`` policy (a dataclass subclass adds its own parameters).
+
+    ``window`` is the recent window that is always kept: an ``int`` counts tokens, a ``float`` in
+    (0, 1) is a fraction of the layer's budget. ``sinks`` first tokens are always kept too.
+    ``every_step`` policies run whenever the cache exceeds its budget (prompt and each decode step);
+    the others compress once, at the prompt, and append decode tokens uncompressed.
+    """
+
+    every_step: ClassVar[bool] = False
+    window: int | float
+    sinks: int
+
+    def __post_init__(self) -> None:
+        check_window(self.window)
+        if not isinstance(self.sinks, int) or self.sinks < 0:
+            raise PolicyConfigError(f"sinks must be an int >= 0, got {self.sinks!r}")
+
+    def recent_tokens(self, budget: int) -> int:
+        """Tokens of the recent window protected under a layer budget of ``budget`` tokens."""
+        if isinstance(self.window, float):
+            return int(math.floor(self.window * budget))
+        return int(self.window)
+
+    def protected_tokens(self, budget: int) -> int:
+        return self.recent_tokens(budget) + self.sinks
+
+    def check_budget(self, budget: int) -> None:
+        """Raise if the protected tokens do not fit in ``budget``."""
+        if self.protected_tokens(budget) > budget:
+            raise PolicyConfigError(
+                f"{self.registry_name}: window ({self.recent_tokens(budget)}) + sinks ({self.sinks}) tokens are "  # type: ignore[attr-defined]
+                f"more than the budget of {budget} tokens; raise the budget or lower window/sinks"
+            )
+
+    @abc.abstractmethod
+    def score(self, obs: Observation, previous: torch.Tensor | None) -> torch.Tensor:
+        """Scores ``[B, H_kv, T]`` for every slot of ``obs``; ``previous`` holds last pass's scores of the
+        first ``T - q`` slots (None at the first pass)."""
+
+
+def check_window(window: int | float) -> None:
+    if isinstance(window, bool) or not isinstance(window, (int, float)):
+        raise PolicyConfigError(f"window must be an int (tokens) or a float fraction in (0, 1), got {window!r}")
+    if isinstance(window, float) and not 0.0 <= window < 1.0:
+        raise PolicyConfigError(f"window as a fraction of the budget must be in [0, 1), got {window}")
+    if isinstance(window, int) and window < 0:
+        raise PolicyConfigError(f"window must be >= 0 tokens, got {window}")
+
+
+def accumulate(previous: torch.Tensor | None, new_scores: torch.Tensor) -> torch.Tensor:
+    """S <- [S_prev, 0] + s_t: carry last pass's per-slot scores and add this pass's."""
+    if previous is None:
+        return new_scores
+    padded = torch.zeros_like(new_scores)
+    padded[..., : previous.shape[-1]] = previous
+    return padded + new_scores
+

@@ -1,0 +1,1 @@
+"""Quantised KV storage (kind ``quant``). Importing this package registers the built-in codecs."""
