@@ -87,8 +87,8 @@ def _check_kind(kind: str) -> None:
 
 def _ensure_loaded(kind: str) -> None:
     if kind not in _loaded:
-        _loaded.add(kind)
         importlib.import_module(_BUILTIN_MODULES[kind])
+        _loaded.add(kind)
 
 
 def register(kind: str, name: str) -> Callable[[type[T]], type[T]]:

@@ -46,22 +46,27 @@ class EvictionPolicy(abc.ABC):
     """Base of every ``evict`` policy (a dataclass subclass adds its own parameters).
 
     ``window`` is the recent window that is always kept: an ``int`` counts tokens, a ``float`` in
-    (0, 1) is a fraction of the layer's budget. ``sinks`` first tokens are always kept too.
+    (0, 1) is a fraction of the layer's budget, ``None`` everything after the sinks. ``sinks`` first tokens are always kept too.
     ``every_step`` policies run whenever the cache exceeds its budget (prompt and each decode step);
     the others compress once, at the prompt, and append decode tokens uncompressed.
     """
 
     every_step: ClassVar[bool] = False
-    window: int | float
+    compresses: ClassVar[bool] = True
+    window: int | float | None
     sinks: int
 
     def __post_init__(self) -> None:
-        check_window(self.window)
+        if self.window is not None:
+            check_window(self.window)
         if not isinstance(self.sinks, int) or self.sinks < 0:
             raise PolicyConfigError(f"sinks must be an int >= 0, got {self.sinks!r}")
 
     def recent_tokens(self, budget: int) -> int:
-        """Tokens of the recent window protected under a layer budget of ``budget`` tokens."""
+        """Tokens of the recent window protected under a layer budget of ``budget`` tokens
+        (``window=None``: the whole budget after the sinks)."""
+        if self.window is None:
+            return max(0, budget - self.sinks)
         if isinstance(self.window, float):
             return int(math.floor(self.window * budget))
         return int(self.window)

@@ -1,0 +1,76 @@
+"""Attention over a compacted cache: ``reference`` (HF eager math) and ``sdpa`` (torch's fused kernel).
+
+Both take queries ``[B, H_q, q, D]`` and the layer's slots ``[B, H_kv, T, D]`` (never repeated per query
+head on the fast paths) plus a visibility mask from :func:`attention.scoring.visibility`, and return
+``[B, H_q, q, D]``. ``visible`` may be ``None`` (every slot visible), ``"causal"`` (slots are the
+queries themselves, in order) or a bool tensor ``[B, 1 or H_kv, q, T]``.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+
+Visibility = Union[torch.Tensor, str, None]
+BACKENDS = ("sdpa", "reference")
+
+
+def _dense_mask(visible: Visibility, q: int, t: int, device: torch.device) -> torch.Tensor | None:
+    if isinstance(visible, str):
+        return torch.ones(q, t, dtype=torch.bool, device=device).tril(t - q)
+    return visible
+
+
+def reference_attention(
+    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: Visibility, scaling: float
+) -> torch.Tensor:
+    """HF eager math: softmax(Q K^T * scaling + mask) V, softmax in fp32, K/V repeated per query head."""
+    group = queries.shape[1] // keys.shape[1]
+    keys = keys.repeat_interleave(group, dim=1)
+    values = values.repeat_interleave(group, dim=1)
+    logits = torch.matmul(queries, keys.transpose(-1, -2)) * scaling
+    mask = _dense_mask(visible, queries.shape[2], keys.shape[2], queries.device)
+    if mask is not None:
+        if mask.dim() == 4 and mask.shape[1] not in (1, queries.shape[1]):
+            mask = mask.repeat_interleave(group, dim=1)
+        logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(queries.dtype)
+    return torch.matmul(probs, values)
+
+
+def sdpa_attention(
+    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: Visibility, scaling: float
+) -> torch.Tensor:
+    """torch SDPA without repeating K/V: GQA natively when the mask is shared by a group's heads,
+    otherwise the group's query heads are stacked on the query axis of their KV head."""
+    if isinstance(visible, str):
+        return F.scaled_dot_product_attention(queries, keys, values, is_causal=True, scale=scaling, enable_gqa=True)
+    if visible is None or visible.shape[1] == 1:
+        return F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=visible, scale=scaling, enable_gqa=True
+        )
+    b, h_q, q, d = queries.shape
+    h_kv, t = keys.shape[1], keys.shape[2]
+    group = h_q // h_kv
+    stacked = queries.reshape(b, h_kv, group * q, d)
+    mask = visible[:, :, None].expand(b, h_kv, group, q, t).reshape(b, h_kv, group * q, t)
+    out = F.scaled_dot_product_attention(stacked, keys, values, attn_mask=mask, scale=scaling)
+    return out.reshape(b, h_q, q, d)
+
+
+def attend(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    visible: Visibility,
+    scaling: float,
+    backend: str = "sdpa",
+) -> torch.Tensor:
+    """Attention output ``[B, H_q, q, D]`` with the chosen backend."""
+    if backend == "sdpa":
+        return sdpa_attention(queries, keys, values, visible, scaling)
+    if backend == "reference":
+        return reference_attention(queries, keys, values, visible, scaling)
+    raise ValueError(f"unknown attention backend {backend!r}; valid: {', '.join(BACKENDS)}")

@@ -1,0 +1,256 @@
+"""``kv_policy``: run any Hugging Face causal LM with a KV policy, ``model.generate`` unchanged.
+
+Inside the context the model's attention goes through :func:`policy_attention`, which attends over the
+layer's compacted slots and then lets the cache score and evict; ``generate`` and plain forward calls
+get a :class:`~engine_adapters.hf.cache.PolicyCache`. Leaving the context restores the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from typing import Any, Iterator
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+import kvcache
+from attention.backends import BACKENDS, attend
+from attention.scoring import visibility
+from engine_adapters.hf.cache import CompressionPlan, PolicyCache, PolicyLayer
+from kvcache.budget import check_budget
+from kvcache.registry import PolicyConfigError
+
+ATTENTION_NAME = "kvcache"
+# model_type -> how attention is reached: through transformers' AttentionInterface, or GPT-J's _attn method.
+SUPPORTED_FAMILIES: dict[str, str] = {
+    "llama": "interface",
+    "mistral": "interface",
+    "qwen2": "interface",
+    "qwen3": "interface",
+    "gpt2": "interface",
+    "gptj": "gptj",
+}
+UNSUPPORTED_REASONS: dict[str, str] = {
+    "mpt": "MPT computes its ALiBi attention inline in MptAttention.forward, so kvcache cannot yet give kept "
+    "tokens their original ALiBi distances; use GPT-J or GPT-2 (the Keyformer paper's other families)",
+}
+
+
+def check_model(model: torch.nn.Module) -> str:
+    """The model's family, or a clear error naming the supported ones."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in SUPPORTED_FAMILIES:
+        return model_type
+    supported = ", ".join(sorted(SUPPORTED_FAMILIES))
+    reason = UNSUPPORTED_REASONS.get(model_type or "", "")
+    raise PolicyConfigError(
+        f"model type {model_type!r} is not supported by kvcache's Hugging Face adapter"
+        + (f": {reason}" if reason else "")
+        + f". Supported families: {supported} (SmolLM2 is llama)."
+    )
+
+
+def new_token_validity(mask: torch.Tensor | None, q: int) -> torch.Tensor | None:
+    """``[B, q]`` which of this pass's tokens are real (not padding), read from HF's 4-D mask: the last
+    query row sees every real token. Bool masks are True where allowed, float masks 0 where allowed."""
+    if mask is None or mask.dim() != 4:
+        return None
+    row = mask[:, 0, -1, -q:]
+    return row if row.dtype == torch.bool else row == 0
+
+
+def hf_visibility(mask: torch.Tensor | None, q: int, t: int) -> torch.Tensor | str | None:
+    """Visibility from HF's own mask, for passes without a policy cache."""
+    if mask is None:
+        return "causal" if q == t and q > 1 else None
+    return mask if mask.dtype == torch.bool else mask == 0
+
+
+class KVSession:
+    """A model with a KV policy installed. Made by :func:`kv_policy`; ``stats()`` describes the last cache."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        policy: Any,
+        layer_budget: Any,
+        budget: float | int,
+        backend: str,
+    ) -> None:
+        self.model = model
+        self.family = check_model(model)
+        self.policy = policy
+        self.layer_budget = layer_budget
+        self.budget = budget
+        self.backend = backend
+        self.num_layers = model.config.num_hidden_layers
+        self.active_cache: PolicyCache | None = None
+        self.last_cache: PolicyCache | None = None
+        self._undo: list[Any] = []
+
+    # -- install / uninstall -------------------------------------------------------------------------
+    def install(self) -> None:
+        model = self.model
+        attention_modules = [
+            m for m in model.modules() if hasattr(m, "layer_idx") and type(m).__name__.endswith("Attention")
+        ]
+        for module in attention_modules:
+            module._kvcache_session = self
+            self._undo.append(lambda m=module: delattr(m, "_kvcache_session"))
+        if self.family == "gptj":
+            for module in attention_modules:
+                module._attn = types.MethodType(_gptj_attn, module)
+                self._undo.append(lambda m=module: delattr(m, "_attn"))
+        else:
+            AttentionInterface.register(ATTENTION_NAME, policy_attention)
+            AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+            previous = model.config._attn_implementation
+            model.set_attn_implementation(ATTENTION_NAME)
+            self._undo.append(lambda: model.set_attn_implementation(previous))
+        handle = model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+        self._undo.append(handle.remove)
+        model.generate = types.MethodType(_generate_with_policy, model)
+        self._undo.append(lambda: delattr(model, "generate"))
+
+    def uninstall(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+    # -- caches --------------------------------------------------------------------------------------
+    def new_cache(self, max_new_tokens: int | None = None) -> PolicyCache:
+        plan = CompressionPlan(self.policy, self.layer_budget, self.budget, self.num_layers, max_new_tokens)
+        return PolicyCache(plan)
+
+    def _pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        cache = kwargs.get("past_key_values")
+        use_cache = kwargs.get("use_cache", module.config.use_cache)
+        if cache is None and use_cache:
+            cache = kwargs["past_key_values"] = self.new_cache()
+        self.active_cache = cache if isinstance(cache, PolicyCache) else None
+        if self.active_cache is not None:
+            self.last_cache = self.active_cache
+        return args, kwargs
+
+    # -- attention -----------------------------------------------------------------------------------
+    def attend(
+        self,
+        layer_idx: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask: torch.Tensor | None,
+        scaling: float,
+    ) -> torch.Tensor:
+        """Attention output ``[B, H_q, q, D]`` for one layer; compresses the layer afterwards."""
+        q = query.shape[2]
+        cache = self.active_cache
+        if cache is None:
+            return attend(query, key, value, hf_visibility(mask, q, key.shape[2]), scaling, self.backend)
+        layer: PolicyLayer = cache.layers[layer_idx]
+        new_valid = new_token_validity(mask, q)
+        if new_valid is not None:
+            layer.mark_padding(new_valid)
+        out = attend(query, key, value, self._visibility(layer, q), scaling, self.backend)
+        if self.policy.compresses:
+            cache.observe(layer_idx, query, scaling)
+        return out
+
+    @staticmethod
+    def _visibility(layer: PolicyLayer, q: int) -> torch.Tensor | str | None:
+        if layer.heads_aligned and layer.length == q and q > 1 and bool(layer.valid.all()):
+            return "causal"
+        query_index = torch.arange(layer.seen - q, layer.seen, device=layer.device).expand(layer.valid.shape[0], q)
+        visible = visibility(layer.index, layer.valid, query_index)
+        if q == 1 and bool(visible.all()):
+            return None
+        return visible[:, :1] if layer.heads_aligned else visible
+
+    # -- reporting -----------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Measured figures of the most recent cache: bytes held, tokens kept, lengths."""
+        cache = self.last_cache
+        if cache is None:
+            return {}
+        plan = cache.plan
+        return {
+            "kv_bytes": cache.nbytes(),
+            "bookkeeping_bytes": cache.bookkeeping_nbytes(),
+            "kept_tokens_per_layer": cache.kept_tokens_per_layer(),
+            "prompt_tokens": plan.prompt_len.tolist() if plan.prompt_len is not None else None,
+            "logical_tokens": cache.get_seq_length(),
+        }
+
+
+def policy_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers AttentionInterface entry: ``[B, q, H_q, D]`` output, no attention weights."""
+    session: KVSession = module._kvcache_session
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = session.attend(module.layer_idx, query, key, value, attention_mask, scale)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _gptj_attn(self: torch.nn.Module, query, key, value, attention_mask=None):
+    """GPT-J's ``_attn`` replacement (GPT-J does not use the AttentionInterface)."""
+    out = self._kvcache_session.attend(self.layer_idx, query, key, value, attention_mask, 1.0 / self.scale_attn)
+    return out, None
+
+
+def _generate_with_policy(self: torch.nn.Module, *args: Any, **kwargs: Any):
+    """``model.generate`` with a fresh policy cache per call (the request's own state)."""
+    session: KVSession = self._kvcache_session_root
+    config = kwargs.get("generation_config") or self.generation_config
+    if kwargs.get("num_beams", config.num_beams or 1) > 1:
+        raise PolicyConfigError("beam search (num_beams > 1) is not supported with a KV policy; use greedy or sampling")
+    if kwargs.get("past_key_values") is None:
+        max_new = kwargs.get("max_new_tokens", config.max_new_tokens)
+        kwargs["past_key_values"] = session.new_cache(max_new)
+    return type(self).generate(self, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def kv_policy(
+    model: torch.nn.Module,
+    policy: str | dict = "snapkv",
+    budget: float | int = 0.5,
+    *,
+    layer_budget: str | dict = "uniform",
+    attention: str = "sdpa",
+    **policy_params: Any,
+) -> Iterator[KVSession]:
+    """Install a KV policy on ``model`` for the duration of the ``with`` block.
+
+    ``policy`` and ``layer_budget`` are registry names (``kvcache.names("evict")``,
+    ``kvcache.names("budget")``) or ``"name:key=value"`` specs; ``budget`` is a fraction of each prompt
+    (float in (0, 1]) or a token count (int >= 1); ``policy_params`` go to the eviction policy.
+
+    >>> with kv_policy(model, "keyformer", budget=0.5) as session:
+    ...     out = model.generate(**inputs, max_new_tokens=64)
+    ...     session.stats()["kv_bytes"]
+    """
+    check_budget(budget)
+    if attention not in BACKENDS:
+        raise PolicyConfigError(f"unknown attention backend {attention!r}; valid: {', '.join(BACKENDS)}")
+    evict = kvcache.create("evict", policy, **policy_params)
+    if isinstance(budget, int) and evict.compresses:
+        evict.check_budget(budget)
+    session = KVSession(model, evict, kvcache.create("budget", layer_budget), budget, attention)
+    if getattr(model, "_kvcache_session_root", None) is not None:
+        raise PolicyConfigError("this model already has a KV policy installed; nest kv_policy contexts one model at a time")
+    model._kvcache_session_root = session
+    session.install()
+    try:
+        yield session
+    finally:
+        session.uninstall()
+        del model._kvcache_session_root

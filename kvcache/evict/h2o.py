@@ -1,0 +1,31 @@
+"""H2O, heavy-hitter oracle (Zhang et al., arXiv 2306.14048).
+
+s_j = sum over every query seen so far (prompt and decode) of A_{q,j}, per KV head as the mean over
+the query heads of its group. While over budget, keep the last ``window`` tokens plus the top-scoring
+older ones (heavy hitters); evicted tokens' scores are dropped with them. Default split 50/50
+(``window=0.5`` of the budget), as in the paper.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from attention.scoring import column_sums
+from kvcache.evict.base import EvictionPolicy, Observation, accumulate
+from kvcache.registry import param, register
+
+
+@register("evict", "h2o")
+@dataclass
+class H2O(EvictionPolicy):
+    """Heavy hitters by accumulated attention + recent window (arXiv 2306.14048)."""
+
+    window: int | float = param(0.5, "recent tokens kept: int tokens or fraction of the budget")
+    sinks: int = param(0, "first tokens always kept")
+    every_step = True
+
+    def score(self, obs: Observation, previous: torch.Tensor | None) -> torch.Tensor:
+        attn = column_sums(obs.queries, obs.keys, obs.key_index, obs.key_valid, obs.query_index, obs.scaling)
+        return accumulate(previous, attn.mean(dim=2))

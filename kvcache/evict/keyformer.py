@@ -1,0 +1,71 @@
+"""Keyformer (Adnan et al., "Keyformer: KV Cache Reduction through Key Tokens Selection", MLSys 2024,
+arXiv 2403.09054).
+
+At every forward pass t (prompt t=0, then one per generated token) each slot scores
+s_t = sum over the pass's queries of softmax((z + g) / tau_t), with z the masked logits, g ~ Gumbel(0, 1)
+drawn fresh per element, and tau_t = tau_init + t * (tau_end - tau_init) / max_new_tokens. Scores
+accumulate, S <- [S_prev, 0] + s_t; evicted tokens' scores go with them. The budget k is fixed from
+the prompt; the last ``window`` (default 30% of k) tokens are kept and the other k - w are the top
+key tokens by S. The layer's output still uses the plain softmax; the Gumbel softmax only scores.
+GQA: mean over the query heads of a KV group (the official code supports MHA only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from attention.scoring import column_sums
+from kvcache.evict.base import EvictionPolicy, Observation, accumulate
+from kvcache.registry import PolicyConfigError, param, register
+
+
+def gumbel_noise(shape: torch.Size, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+    """g = -log(-log(U)), U ~ Uniform(0, 1): standard Gumbel noise."""
+    uniform = torch.rand(shape, device=device, generator=generator).clamp_(1e-20, 1.0 - 1e-7)
+    return -torch.log(-torch.log(uniform))
+
+
+@register("evict", "keyformer")
+@dataclass
+class Keyformer(EvictionPolicy):
+    """Gumbel-regularised accumulated attention, key tokens + recent window (arXiv 2403.09054)."""
+
+    window: int | float = param(0.3, "recent tokens kept: int tokens or fraction of the budget")
+    sinks: int = param(0, "first tokens always kept")
+    tau_init: float = param(1.0, "Gumbel softmax temperature at the prompt")
+    tau_end: float = param(2.0, "temperature after max_new_tokens decode steps")
+    seed: int | None = param(None, "seed of the Gumbel noise (None: torch's global generator)")
+    every_step = True
+    _generator: torch.Generator | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.tau_init <= 0 or self.tau_end <= 0:
+            raise PolicyConfigError(f"keyformer temperatures must be > 0, got tau_init={self.tau_init}, tau_end={self.tau_end}")
+
+    def temperature(self, step: int, max_new_tokens: int | None) -> float:
+        """tau_t = tau_init + t * (tau_end - tau_init) / max_new_tokens (tau_init when the length is unknown)."""
+        if not max_new_tokens:
+            return self.tau_init
+        return self.tau_init + min(step, max_new_tokens) * (self.tau_end - self.tau_init) / max_new_tokens
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        if self.seed is None:
+            return None
+        if self._generator is None or self._generator.device != torch.device(device):
+            self._generator = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generator
+
+    def score(self, obs: Observation, previous: torch.Tensor | None) -> torch.Tensor:
+        tau = self.temperature(obs.step, obs.max_new_tokens)
+        generator = self.generator(obs.keys.device)
+
+        def gumbel_logits(z: torch.Tensor) -> torch.Tensor:
+            return (z + gumbel_noise(z.shape, z.device, generator)) / tau
+
+        attn = column_sums(
+            obs.queries, obs.keys, obs.key_index, obs.key_valid, obs.query_index, obs.scaling, gumbel_logits
+        )
+        return accumulate(previous, attn.mean(dim=2))

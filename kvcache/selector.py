@@ -1,0 +1,68 @@
+"""The one selector: scores + budget + protected positions -> the slots to keep.
+
+Every eviction policy and every engine adapter goes through here, so protection (sinks and the recent
+window), padding and per-sequence budgets are handled in one place.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def protected_slots(
+    key_index: torch.Tensor,
+    first_index: torch.Tensor,
+    next_index: torch.Tensor,
+    sinks: int,
+    recent: torch.Tensor | int,
+) -> torch.Tensor:
+    """``[B, H, T]`` bool: the first ``sinks`` real tokens and the last ``recent`` tokens of each sequence.
+
+    ``first_index [B]`` is the logical position of a sequence's first real token (after left padding),
+    ``next_index [B]`` its logical length; ``recent`` may differ per layer (an int) or per sequence.
+    """
+    recent_t = torch.as_tensor(recent, device=key_index.device).reshape(-1, 1, 1)
+    is_sink = (key_index - first_index[:, None, None]) < sinks
+    is_recent = key_index >= (next_index[:, None, None] - recent_t)
+    return is_sink | is_recent
+
+
+def effective_scores(scores: torch.Tensor, valid: torch.Tensor, protected: torch.Tensor) -> torch.Tensor:
+    """Scores with protected slots at +inf and padding/empty slots at -inf."""
+    inf = torch.tensor(float("inf"), dtype=scores.dtype, device=scores.device)
+    return torch.where(protected & valid, inf, torch.where(valid, scores, -inf))
+
+
+def select_keep(
+    scores: torch.Tensor,
+    valid: torch.Tensor,
+    protected: torch.Tensor,
+    budget: torch.Tensor,
+    capacity: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the protected slots plus the top-scoring rest, ``budget[b]`` slots for sequence ``b``.
+
+    Returns ``keep [B, H, capacity]`` slot indices in ascending slot order and ``keep_valid`` (False
+    where a sequence's budget is below ``capacity``, the rectangular size of the batch, or where it
+    has fewer real tokens than its budget).
+    """
+    ranked = effective_scores(scores, valid, protected)
+    top_scores, top_slots = ranked.topk(capacity, dim=-1, sorted=True)
+    rank = torch.arange(capacity, device=scores.device)
+    keep_valid = (rank < budget.reshape(-1, 1, 1)) & (top_scores > float("-inf"))
+    order = top_slots.argsort(dim=-1)
+    return top_slots.gather(-1, order), keep_valid.gather(-1, order)
+
+
+def replacement_slot(
+    scores: torch.Tensor, valid: torch.Tensor, protected: torch.Tensor, over_budget: torch.Tensor
+) -> torch.Tensor:
+    """``[B, H]`` the slot one new token takes, without moving the others (decode-time eviction).
+
+    Where the sequence is ``over_budget`` (``[B, 1]`` or ``[B, H]``) it is the lowest-scoring unprotected
+    real token; otherwise an empty slot.
+    """
+    inf = torch.tensor(float("inf"), dtype=scores.dtype, device=scores.device)
+    evictable = torch.where(valid & ~protected, scores, inf).argmin(dim=-1)
+    empty = (~valid).to(torch.uint8).argmax(dim=-1)
+    return torch.where(over_budget, evictable, empty)
