@@ -1,0 +1,118 @@
+"""What every codec (kind ``quant``) provides to the shared per-layer store.
+
+A codec decides *when* buffered full-precision tokens are quantised (:meth:`QuantCodec.flush_count`)
+and *how* (:meth:`QuantCodec.encode`); :class:`kvcache.quant.store.KVStore` does the bookkeeping
+(packing, per-head slots, eviction, byte accounting) identically for all of them.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from kvcache.quant.quantizer import SCALE_DTYPES
+from kvcache.registry import PolicyConfigError
+
+if TYPE_CHECKING:
+    from kvcache.quant.store import KVStore
+
+
+@dataclass
+class TierRows:
+    """Freshly quantised tokens of one bit width, compacted to the front per ``(batch, head)``.
+
+    Row ``r`` of head ``(b, h)`` is a real token when ``r < group_count[b, h].sum()``; rows are in slot
+    order. Key parameters are per *group* of rows (``group_count[b, h, p]`` consecutive rows use
+    ``k_scale[b, h, p]``), value parameters per row and per group of ``value_group`` channels.
+    """
+
+    k_codes: torch.Tensor  # [B, H, n, D] uint8, unpacked
+    v_codes: torch.Tensor  # [B, H, n, D] uint8, unpacked
+    v_scale: torch.Tensor  # [B, H, n, D // value_group]
+    v_zero: torch.Tensor  # [B, H, n, D // value_group]
+    k_scale: torch.Tensor  # [B, H, P, D]
+    k_zero: torch.Tensor  # [B, H, P, D]
+    v_chan: torch.Tensor | None  # [B, H, P, D] CSTQuant channel normalisers, or None
+    group_count: torch.Tensor  # [B, H, P] int32
+
+
+class QuantCodec(abc.ABC):
+    """Base of every ``quant`` codec config (the registered dataclasses subclass it)."""
+
+    #: whether :meth:`encode` ranks tokens by saliency (ZipCache); the store then needs saliency at flushes
+    needs_saliency: ClassVar[bool] = False
+    scale_dtype: str
+
+    def _check_scale_dtype(self) -> None:
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise PolicyConfigError(
+                f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}, got {self.scale_dtype!r}"
+            )
+
+    @property
+    def torch_scale_dtype(self) -> torch.dtype:
+        return SCALE_DTYPES[self.scale_dtype]
+
+    @property
+    @abc.abstractmethod
+    def tier_bits(self) -> tuple[int, ...]:
+        """Bit width of each storage tier (empty: nothing is ever quantised). At most two tiers; with two,
+        tier 0 is the low-bit (regular) one and tier 1 the high-bit (salient) one."""
+
+    @abc.abstractmethod
+    def value_group(self, head_dim: int) -> int:
+        """Channels that share one value scale/zero pair."""
+
+    def check_head_dim(self, head_dim: int) -> None:
+        """Raise :class:`PolicyConfigError` if this codec cannot store heads of ``head_dim`` channels."""
+        if head_dim <= 0:
+            raise PolicyConfigError(f"head_dim must be positive, got {head_dim}")
+        for bits in self.tier_bits:
+            if (head_dim * bits) % 8:
+                raise PolicyConfigError(
+                    f"{self.registry_name}: {bits}-bit codes of a {head_dim}-channel head do not fill whole bytes; "  # type: ignore[attr-defined]
+                    f"head_dim must be a multiple of {8 // bits}"
+                )
+
+    @abc.abstractmethod
+    def flush_count(self, fp_count: torch.Tensor) -> torch.Tensor:
+        """Given the buffered full-precision tokens per head ``[B, H]``, how many of the oldest to quantise now."""
+
+    @abc.abstractmethod
+    def encode(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        valid: torch.Tensor,
+        saliency: torch.Tensor | None,
+    ) -> tuple[list[TierRows | None], torch.Tensor | None]:
+        """Quantise ``keys``/``values`` ``[B, H, m, D]`` (rows with ``valid`` False are padding).
+
+        Returns one :class:`TierRows` (or None when it gets no token) per tier, and, with two tiers, the
+        tier of each input row ``[B, H, m]`` (True = high-bit tier); None with one tier.
+        """
+
+    @abc.abstractmethod
+    def bytes_formula(self, num_tokens: int, head_dim: int, batch: int, kv_heads: int, dtype: torch.dtype) -> int:
+        """Bytes a store holds after one :meth:`KVStore.append` of ``num_tokens`` tokens (no eviction)."""
+
+    def new_store(
+        self, head_dim: int, dtype: torch.dtype = torch.float16, device: torch.device | str = "cpu"
+    ) -> KVStore:
+        """An empty per-layer store of this codec for heads of ``head_dim`` channels."""
+        from kvcache.quant.store import KVStore
+
+        self.check_head_dim(head_dim)
+        return KVStore(self, head_dim, dtype, torch.device(device))
+
+
+def element_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def fp_bytes(num_fp: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Bytes per (batch, head) of ``num_fp`` full-precision tokens (K and V) plus the per-head counter."""
+    return 2 * num_fp * head_dim * element_bytes(dtype) + 4

@@ -1,0 +1,405 @@
+"""The per-layer quantised KV store shared by every codec.
+
+Slots
+    A store holds ``num_tokens`` slots per ``(batch, KV head)``, like the rest of the library: slot order
+    is insertion order, and after :meth:`KVStore.keep` different heads may hold different tokens. The
+    first slots of a head are quantised, the last ones sit in a full-precision buffer (KIVI's residual
+    window, ZipCache's streaming buffer). How many are quantised may differ per head after eviction.
+
+Layout (bytes actually held, reported by :meth:`KVStore.nbytes`)
+    * one *tier* per bit width: K and V codes packed into uint8 along the head dimension; value
+      scale/zero per token (and channel group); key scale/zero per group of rows, with
+      ``group_count[b, h, p]`` rows per group; CSTQuant channel normalisers per group (ZipCache);
+    * with two tiers, one bit per quantised slot says which tier holds it (packed 8 per byte);
+    * the full-precision buffer ``[B, H, F, D]`` and its per-head length.
+    Rows are compacted to the front of each head; heads holding fewer rows than the longest are padded
+    (the padding is held, so it is counted).
+
+Eviction composes without re-quantisation: :meth:`KVStore.keep` gathers the kept rows' codes and
+parameters, so every kept token dequantises bit-for-bit as before, and drops parameter groups no head
+uses any more.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterator
+
+import torch
+
+from kvcache.quant.pack import pack, unpack
+from kvcache.quant.quantizer import decode, dequantize_groups
+
+if TYPE_CHECKING:
+    from kvcache.quant.base import QuantCodec, TierRows
+
+
+def compaction(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row order ``[B, H, n]`` that moves the kept rows of ``keep`` ``[B, H, N]`` to the front (stable),
+    truncated to the longest head, and the kept count per head."""
+    counts = keep.sum(-1)
+    n = int(counts.max()) if counts.numel() else 0
+    order = torch.sort((~keep).to(torch.uint8), dim=-1, stable=True).indices[..., :n]
+    return order, counts.to(torch.int32)
+
+
+def gather_rows(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``x[b, h, order[b, h, i], ...]`` for a tensor ``[B, H, N, ...]``."""
+    index = order.reshape(*order.shape, *([1] * (x.dim() - 3))).expand(*order.shape, *x.shape[3:])
+    return x.gather(2, index)
+
+
+def append_rows(
+    old: torch.Tensor | None, old_count: torch.Tensor, new: torch.Tensor, new_count: torch.Tensor
+) -> torch.Tensor:
+    """Put the first ``new_count`` rows of ``new`` right after the first ``old_count`` rows of ``old`` per head."""
+    if old is None or old.shape[2] == 0:
+        return new
+    n_old, n_new = old.shape[2], new.shape[2]
+    both = torch.cat([old, new], 2)
+    if bool((old_count == n_old).all()) and bool((new_count == n_new).all()):
+        return both
+    rows = torch.arange(n_old + n_new, device=old.device)
+    keep = (rows < old_count[..., None]) | ((rows >= n_old) & (rows < n_old + new_count[..., None]))
+    return gather_rows(both, compaction(keep)[0])
+
+
+def rows_below(count: torch.Tensor, n: int) -> torch.Tensor:
+    """``[B, H, n]`` bool: row < count[b, h]."""
+    return torch.arange(n, device=count.device) < count[..., None]
+
+
+class Tier:
+    """All tokens a store holds at one bit width (see the module docstring for the layout)."""
+
+    ROW_FIELDS = ("k_codes", "v_codes", "v_scale", "v_zero")
+    GROUP_FIELDS = ("k_scale", "k_zero", "v_chan", "group_count")
+
+    def __init__(self, bits: int, value_group: int) -> None:
+        self.bits = bits
+        self.value_group = value_group
+        self.k_codes: torch.Tensor | None = None  # [B, H, N, D * bits / 8] uint8
+        self.v_codes: torch.Tensor | None = None
+        self.v_scale: torch.Tensor | None = None  # [B, H, N, D / value_group]
+        self.v_zero: torch.Tensor | None = None
+        self.k_scale: torch.Tensor | None = None  # [B, H, P, D]
+        self.k_zero: torch.Tensor | None = None
+        self.v_chan: torch.Tensor | None = None  # [B, H, P, D] or None
+        self.group_count: torch.Tensor | None = None  # [B, H, P] int32
+
+    @property
+    def rows(self) -> int:
+        return 0 if self.k_codes is None else self.k_codes.shape[2]
+
+    def count(self, batch: int, heads: int, device: torch.device) -> torch.Tensor:
+        """Real rows per head ``[B, H]``."""
+        if self.group_count is None:
+            return torch.zeros(batch, heads, dtype=torch.int32, device=device)
+        return self.group_count.sum(-1, dtype=torch.int32)
+
+    def tensors(self) -> list[torch.Tensor]:
+        fields = self.ROW_FIELDS + self.GROUP_FIELDS
+        return [t for t in (getattr(self, f) for f in fields) if t is not None]
+
+    def append(self, new: TierRows) -> None:
+        old_count = self.count(*new.group_count.shape[:2], new.group_count.device)
+        new_count = new.group_count.sum(-1, dtype=torch.int32)
+        packed = {"k_codes": pack(new.k_codes, self.bits), "v_codes": pack(new.v_codes, self.bits)}
+        for field in self.ROW_FIELDS:
+            value = packed.get(field, getattr(new, field))
+            setattr(self, field, append_rows(getattr(self, field), old_count, value, new_count))
+        for field in self.GROUP_FIELDS:
+            old, value = getattr(self, field), getattr(new, field)
+            setattr(self, field, value if old is None or value is None else torch.cat([old, value], 2))
+
+    def pids(self) -> torch.Tensor:
+        """Parameter group of each row ``[B, H, N]`` (padding rows get the last group)."""
+        assert self.group_count is not None and self.k_codes is not None
+        ends = self.group_count.cumsum(-1)
+        rows = torch.arange(self.rows, device=ends.device).expand(*ends.shape[:2], self.rows).contiguous()
+        pid = torch.searchsorted(ends, rows, right=True)
+        return pid.clamp_(max=self.group_count.shape[-1] - 1)
+
+    def compact(self, keep: torch.Tensor) -> None:
+        """Keep the rows where ``keep`` ``[B, H, N]`` is True; drop groups no head uses any more."""
+        assert self.group_count is not None
+        pid = self.pids()
+        kept_per_group = torch.zeros_like(self.group_count).scatter_add_(2, pid, keep.to(torch.int32))
+        order, _ = compaction(keep)
+        for field in self.ROW_FIELDS:
+            setattr(self, field, gather_rows(getattr(self, field), order))
+        used = kept_per_group.sum((0, 1)) > 0
+        if not bool(used.any()):
+            for field in self.ROW_FIELDS + self.GROUP_FIELDS:
+                setattr(self, field, None)
+            return
+        for field in ("k_scale", "k_zero", "v_chan"):
+            value = getattr(self, field)
+            if value is not None:
+                setattr(self, field, value[:, :, used])
+        self.group_count = kept_per_group[:, :, used]
+
+    def dequantize_rows(self, pid: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 ``(K, V)`` ``[B, H, stop - start, D]`` of rows ``start:stop``; ``pid`` from :meth:`pids`."""
+        assert self.k_codes is not None and self.v_codes is not None
+        assert self.k_scale is not None and self.k_zero is not None
+        assert self.v_scale is not None and self.v_zero is not None
+        d = self.k_scale.shape[-1]
+        index = pid[:, :, start:stop, None].expand(-1, -1, -1, d)
+        k = decode(
+            unpack(self.k_codes[:, :, start:stop], self.bits),
+            self.k_scale.gather(2, index),
+            self.k_zero.gather(2, index),
+        )
+        v = dequantize_groups(
+            unpack(self.v_codes[:, :, start:stop], self.bits),
+            self.v_scale[:, :, start:stop],
+            self.v_zero[:, :, start:stop],
+            -1,
+            self.value_group,
+        )
+        if self.v_chan is not None:
+            v = v * self.v_chan.gather(2, index).float()
+        return k, v
+
+
+class KVStore:
+    """One layer's KV cache under a codec. Create it with ``codec.new_store(head_dim, dtype, device)``.
+
+    The API the engine adapters use:
+
+    * :meth:`append` -- add this pass's tokens (they enter the full-precision buffer; the codec's rule
+      then quantises the oldest buffered tokens);
+    * :meth:`will_flush` -- whether the next :meth:`append` quantises (so needs saliency, for ZipCache);
+    * :meth:`keep` -- eviction: keep exactly the given slots per head;
+    * :meth:`blocks` -- dequantised blocks for attention (``attention.quantized.attend_packed``);
+    * :meth:`dequantize` -- the whole cache in full precision (tests and debugging only);
+    * :attr:`num_tokens`, :meth:`nbytes`.
+    """
+
+    def __init__(self, codec: QuantCodec, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.codec = codec
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.device = device
+        self.tiers = [Tier(bits, codec.value_group(head_dim)) for bits in codec.tier_bits]
+        self.num_tokens = 0
+        self.batch = 0
+        self.kv_heads = 0
+        self.fp_k: torch.Tensor | None = None  # [B, H, F, D] in ``dtype``
+        self.fp_v: torch.Tensor | None = None
+        self.fp_count: torch.Tensor | None = None  # [B, H] int32
+        self._flags: torch.Tensor | None = None  # [B, H, ceil(Q / 8)] packed: True = high-bit tier
+        self._flag_rows = 0
+
+    # ----------------------------------------------------------------------------------------- state
+    def _zeros_count(self) -> torch.Tensor:
+        return torch.zeros(self.batch, self.kv_heads, dtype=torch.int32, device=self.device)
+
+    def quantized_count(self) -> torch.Tensor:
+        """Quantised slots per head ``[B, H]`` (the first slots of each head)."""
+        total = self._zeros_count()
+        for tier in self.tiers:
+            total = total + tier.count(self.batch, self.kv_heads, self.device)
+        return total
+
+    def _get_flags(self) -> torch.Tensor:
+        if self._flags is None:
+            return torch.zeros(self.batch, self.kv_heads, 0, dtype=torch.bool, device=self.device)
+        return unpack(self._flags, 1)[..., : self._flag_rows].bool()
+
+    def _set_flags(self, flags: torch.Tensor) -> None:
+        self._flag_rows = flags.shape[-1]
+        padded = torch.nn.functional.pad(flags.to(torch.uint8), (0, (-flags.shape[-1]) % 8))
+        self._flags = pack(padded, 1)
+
+    def nbytes(self) -> int:
+        """Bytes the store holds now: packed codes, scales/zeros, group counts, tier bits, fp buffer."""
+        held = [self.fp_k, self.fp_v, self.fp_count, self._flags]
+        held += [t for tier in self.tiers for t in tier.tensors()]
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
+
+    # ---------------------------------------------------------------------------------------- append
+    def will_flush(self, num_new: int) -> bool:
+        """True when appending ``num_new`` more tokens will quantise buffered ones."""
+        if not self.tiers:
+            return False
+        if self.fp_count is None:
+            return bool(self.codec.flush_count(torch.tensor([[num_new]])).max() > 0)
+        return bool(self.codec.flush_count(self.fp_count + num_new).max() > 0)
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, saliency: torch.Tensor | None = None) -> None:
+        """Add ``keys``/``values`` ``[B, H_kv, t, D]`` as the newest ``t`` slots of every head.
+
+        ``saliency`` ``[B, H_kv, num_tokens + t]`` scores every slot the store holds after this append
+        (the same slot order as eviction scores; see :mod:`kvcache.quant.saliency`). Codecs that rank
+        tokens (ZipCache) need it whenever :meth:`will_flush` is True and ignore it otherwise.
+        """
+        if keys.dim() != 4 or keys.shape != values.shape:
+            raise ValueError(f"keys and values must both be [B, H_kv, t, D], got {tuple(keys.shape)} and {tuple(values.shape)}")
+        b, h, t, d = keys.shape
+        if d != self.head_dim:
+            raise ValueError(f"store was made for head_dim {self.head_dim}, got {d}")
+        if self.fp_count is None:
+            self.batch, self.kv_heads = b, h
+            self.fp_count = self._zeros_count()
+        elif (b, h) != (self.batch, self.kv_heads):
+            raise ValueError(f"store holds [B={self.batch}, H_kv={self.kv_heads}], got [B={b}, H_kv={h}]")
+        if saliency is not None and tuple(saliency.shape) != (b, h, self.num_tokens + t):
+            raise ValueError(
+                f"saliency must be [B, H_kv, num_tokens + t] = {[b, h, self.num_tokens + t]}, got {list(saliency.shape)}"
+            )
+        keys = keys.to(device=self.device, dtype=self.dtype)
+        values = values.to(device=self.device, dtype=self.dtype)
+        new_count = torch.full_like(self.fp_count, t)
+        self.fp_k = append_rows(self.fp_k, self.fp_count, keys, new_count)
+        self.fp_v = append_rows(self.fp_v, self.fp_count, values, new_count)
+        self.fp_count = self.fp_count + t
+        self.num_tokens += t
+        if self.tiers:
+            self._flush(saliency)
+
+    def _flush(self, saliency: torch.Tensor | None) -> None:
+        assert self.fp_k is not None and self.fp_v is not None and self.fp_count is not None
+        m = self.codec.flush_count(self.fp_count).to(torch.int32)
+        m_max = int(m.max())
+        if m_max == 0:
+            return
+        fp_sal = None
+        if self.codec.needs_saliency:
+            if saliency is None:
+                raise ValueError(
+                    f"{self.codec.registry_name} quantises buffered tokens now and needs their saliency: "  # type: ignore[attr-defined]
+                    "pass saliency [B, H_kv, num_tokens] to append (check store.will_flush(t) first)"
+                )
+            slots = self.quantized_count()[..., None].long() + torch.arange(m_max, device=self.device)
+            fp_sal = saliency.to(self.device).float().gather(2, slots.clamp(max=saliency.shape[-1] - 1))
+        valid = rows_below(m, m_max)
+        tier_rows, high = self.codec.encode(self.fp_k[:, :, :m_max], self.fp_v[:, :, :m_max], valid, fp_sal)
+        if len(self.tiers) > 1:
+            assert high is not None
+            self._set_flags(append_rows(self._get_flags(), self.quantized_count(), high, m))
+        for tier, rows in zip(self.tiers, tier_rows):
+            if rows is not None:
+                tier.append(rows)
+        fp_rows = torch.arange(self.fp_k.shape[2], device=self.device)
+        remaining = (fp_rows >= m[..., None]) & (fp_rows < self.fp_count[..., None])
+        order, self.fp_count = compaction(remaining)
+        self.fp_k, self.fp_v = gather_rows(self.fp_k, order), gather_rows(self.fp_v, order)
+
+    # ------------------------------------------------------------------------------------ slot maps
+    def _regions(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """For each tier and then the fp buffer: the slot of every row ``[B, H, N]`` and whether the row is real."""
+        q_count = self.quantized_count()
+        regions = []
+        if len(self.tiers) == 1:
+            tier = self.tiers[0]
+            rows = torch.arange(tier.rows, device=self.device).expand(self.batch, self.kv_heads, tier.rows)
+            regions.append((rows, rows_below(q_count, tier.rows)))
+        elif len(self.tiers) == 2:
+            flags = self._get_flags()
+            in_q = rows_below(q_count, flags.shape[-1])
+            for tier, member in zip(self.tiers, (~flags, flags)):
+                order, count = compaction(member & in_q)
+                regions.append((order[..., : tier.rows], rows_below(count, tier.rows)))
+        assert self.fp_count is not None and self.fp_k is not None
+        fp_n = self.fp_k.shape[2]
+        regions.append((q_count[..., None].long() + torch.arange(fp_n, device=self.device), rows_below(self.fp_count, fp_n)))
+        return regions
+
+    # ----------------------------------------------------------------------------------------- keep
+    def keep(self, indices: torch.Tensor) -> None:
+        """Keep exactly the slots ``indices`` ``[B, H_kv, C]`` of each head (any order, no repeats).
+
+        Kept slots stay in their relative order and become slots ``0..C-1``. Nothing is re-quantised:
+        kept tokens keep their codes, parameters and tier, and the full-precision buffer keeps its kept
+        tokens in full precision. Memory shrinks to the longest head's kept rows per tier.
+        """
+        if self.fp_count is None:
+            raise ValueError("keep() on an empty store")
+        if indices.dim() != 3 or tuple(indices.shape[:2]) != (self.batch, self.kv_heads):
+            raise ValueError(f"indices must be [B={self.batch}, H_kv={self.kv_heads}, C], got {list(indices.shape)}")
+        indices = indices.to(self.device).long()
+        c = indices.shape[-1]
+        if c and (int(indices.min()) < 0 or int(indices.max()) >= self.num_tokens):
+            raise ValueError(f"keep indices must lie in [0, {self.num_tokens}), got [{int(indices.min())}, {int(indices.max())}]")
+        slot_keep = torch.zeros(self.batch, self.kv_heads, self.num_tokens + 1, dtype=torch.bool, device=self.device)
+        slot_keep.scatter_(2, indices, True)
+        if bool((slot_keep.sum(-1) != c).any()):
+            raise ValueError("keep indices repeat a slot within a head")
+        regions = self._regions()
+        if len(self.tiers) > 1:
+            flags = self._get_flags()
+            order, _ = compaction(slot_keep[..., : flags.shape[-1]] & rows_below(self.quantized_count(), flags.shape[-1]))
+            self._set_flags(gather_rows(flags, order))
+        for tier, (slots, real) in zip(self.tiers, regions):
+            if tier.rows:
+                tier.compact(slot_keep.gather(2, slots) & real)
+        slots, real = regions[-1]
+        order, self.fp_count = compaction(slot_keep.gather(2, slots.clamp(max=self.num_tokens)) & real)
+        assert self.fp_k is not None and self.fp_v is not None
+        self.fp_k, self.fp_v = gather_rows(self.fp_k, order), gather_rows(self.fp_v, order)
+        self.num_tokens = c
+
+    # ----------------------------------------------------------------------------------- read back
+    def _row_blocks(
+        self, block_size: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Yield ``(slots, real, K, V)`` for blocks of at most ``block_size`` rows: tiers, then the fp buffer."""
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        if self.fp_count is None:
+            return
+        assert self.fp_k is not None and self.fp_v is not None
+        regions = self._regions()
+        sources: list[Tier | None] = [*self.tiers, None]
+        for tier, (slots, real) in zip(sources, regions):
+            pid = tier.pids() if tier is not None and tier.rows else None
+            n = slots.shape[-1] if tier is None else tier.rows
+            for start in range(0, n, block_size):
+                stop = min(start + block_size, n)
+                if tier is None:
+                    k, v = self.fp_k[:, :, start:stop].float(), self.fp_v[:, :, start:stop].float()
+                else:
+                    assert pid is not None
+                    k, v = tier.dequantize_rows(pid, start, stop)
+                yield slots[:, :, start:stop].clamp(max=self.num_tokens), real[:, :, start:stop], k, v
+
+    def blocks(
+        self, block_size: int = 256, mask: torch.Tensor | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Yield fp32 ``(K, V, visible)`` blocks of at most ``block_size`` rows, never the whole cache.
+
+        ``K``/``V`` are ``[B, H_kv, n, D]``. ``mask`` (slot order, True = may attend) is ``[B, H_kv, T]`` or
+        ``[B, H_kv, q, T]``; ``visible`` is it mapped to the block's rows, ``[B, H_kv, n]`` or
+        ``[B, H_kv, q, n]``, and False on padding rows. Rows come in storage order (tier by tier, then
+        the fp buffer), which is not slot order: only order-free reductions (softmax) may use them.
+        """
+        if mask is not None:
+            if mask.dim() not in (3, 4) or (tuple(mask.shape[:2]), mask.shape[-1]) != (
+                (self.batch, self.kv_heads),
+                self.num_tokens,
+            ):
+                raise ValueError(
+                    f"mask must be [B, H_kv, T] or [B, H_kv, q, T] with B={self.batch}, H_kv={self.kv_heads}, "
+                    f"T={self.num_tokens}; got {list(mask.shape)}"
+                )
+            mask = torch.nn.functional.pad(mask.to(self.device, torch.bool), (0, 1))  # slot T: padding rows
+        for slots, real, k, v in self._row_blocks(block_size):
+            visible = real
+            if mask is not None and mask.dim() == 4:
+                index = slots[:, :, None].expand(-1, -1, mask.shape[2], -1)
+                visible = real[:, :, None] & mask.gather(3, index)
+            elif mask is not None:
+                visible = real & mask.gather(2, slots)
+            yield k, v, visible
+
+    def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole cache ``(K, V)`` ``[B, H_kv, num_tokens, D]`` in slot order and the store's dtype."""
+        shape = (self.batch, self.kv_heads, self.num_tokens + 1, self.head_dim)
+        k_out = torch.zeros(shape, dtype=torch.float32, device=self.device)
+        v_out = torch.zeros(shape, dtype=torch.float32, device=self.device)
+        for slots, real, k, v in self._row_blocks(1 << 30):
+            index = slots.masked_fill(~real, self.num_tokens)[..., None].expand(-1, -1, -1, self.head_dim)
+            k_out.scatter_(2, index, k)
+            v_out.scatter_(2, index, v)
+        return k_out[:, :, :-1].to(self.dtype), v_out[:, :, :-1].to(self.dtype)

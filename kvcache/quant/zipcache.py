@@ -1,0 +1,110 @@
+"""ZipCache: mixed-precision KV quantisation with salient-token identification
+(Zhang et al., arXiv 2405.14256, NeurIPS 2024).
+
+* Saliency: normalised attention (see :mod:`kvcache.quant.saliency`), from probe queries at prefill
+  and from the current query at each streaming flush.
+* Per KV head, the ``floor(r * n)`` least salient of the ``n`` tokens being quantised are *regular*
+  (``low_bits``), the rest *salient* (``high_bits``). Defaults r = 0.4, 4-bit salient, 2-bit regular.
+* Keys: channel-wise asymmetric quantisation, salient and regular sets quantised separately (one
+  scale/zero per channel per set and flush).
+* Values: channel-separable token-wise quantisation (CSTQuant): ``c_i = sqrt(max_t |V_{t,i}|)``,
+  ``V / c`` quantised token-wise over all channels, times ``c`` on dequantisation.
+* Streaming: tokens wait in a full-precision buffer, which is quantised whenever it holds
+  ``streaming_gap`` (default 100) tokens -- a prompt of at least that many at once, then every
+  ``streaming_gap`` decode steps, with the saliency the caller passes at that step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kvcache.quant.base import QuantCodec, TierRows, element_bytes, fp_bytes
+from kvcache.quant.quantizer import check_bits, cst_quantize, quantize_groups
+from kvcache.quant.store import compaction, gather_rows, rows_below
+from kvcache.registry import PolicyConfigError, param, register
+
+
+@register("quant", "zipcache")
+@dataclass
+class ZipCache(QuantCodec):
+    """ZipCache: least-salient fraction r of each head's tokens at low bits, the rest at high bits; CSTQuant values."""
+
+    needs_saliency = True
+
+    high_bits: int = param(4, "bit width of salient tokens (2, 4 or 8)")
+    low_bits: int = param(2, "bit width of regular (least salient) tokens (2, 4 or 8; <= high_bits)")
+    ratio: float = param(0.4, "r: fraction of each head's tokens stored at low_bits (the least salient)")
+    streaming_gap: int = param(100, "tokens buffered in full precision before they are quantised")
+    scale_dtype: str = param("float16", "dtype of scales, zero points and channel normalisers")
+
+    def __post_init__(self) -> None:
+        for what in ("high_bits", "low_bits"):
+            try:
+                check_bits(getattr(self, what), what)
+            except ValueError as err:
+                raise PolicyConfigError(f"zipcache: {err}") from None
+        if self.low_bits > self.high_bits:
+            raise PolicyConfigError(f"zipcache: low_bits ({self.low_bits}) must not exceed high_bits ({self.high_bits})")
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0.0 <= self.ratio <= 1.0:
+            raise PolicyConfigError(f"zipcache: ratio must be a fraction in [0, 1], got {self.ratio!r}")
+        if isinstance(self.streaming_gap, bool) or not isinstance(self.streaming_gap, int) or self.streaming_gap <= 0:
+            raise PolicyConfigError(f"zipcache: streaming_gap must be a positive int, got {self.streaming_gap!r}")
+        self._check_scale_dtype()
+
+    @property
+    def tier_bits(self) -> tuple[int, ...]:
+        return (self.low_bits, self.high_bits)
+
+    def value_group(self, head_dim: int) -> int:
+        return head_dim
+
+    def flush_count(self, fp_count: torch.Tensor) -> torch.Tensor:
+        if int(fp_count.max()) >= self.streaming_gap:
+            return fp_count.clone()
+        return torch.zeros_like(fp_count)
+
+    def low_count(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Regular (low-bit) tokens among ``tokens`` quantised together: ``floor(r * n)``."""
+        return torch.floor(tokens.double() * self.ratio).to(tokens.dtype)
+
+    def encode(
+        self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, saliency: torch.Tensor | None
+    ) -> tuple[list[TierRows | None], torch.Tensor | None]:
+        assert saliency is not None
+        n_low = self.low_count(valid.sum(-1))
+        order = saliency.masked_fill(~valid, float("inf")).argsort(dim=-1, stable=True)
+        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+        low = valid & (rank < n_low[..., None])
+        high = valid & ~low
+        tiers = [self._encode_set(keys, values, members, bits) for members, bits in ((low, self.low_bits), (high, self.high_bits))]
+        return tiers, high
+
+    def _encode_set(self, keys: torch.Tensor, values: torch.Tensor, members: torch.Tensor, bits: int) -> TierRows | None:
+        order, count = compaction(members)
+        n = order.shape[-1]
+        if n == 0:
+            return None
+        valid = rows_below(count, n)[..., None]
+        sd = self.torch_scale_dtype
+        k_codes, k_scale, k_zero = quantize_groups(gather_rows(keys, order), bits, 2, n, sd, valid)
+        v_codes, v_scale, v_zero, chan = cst_quantize(gather_rows(values, order), bits, sd, valid)
+        return TierRows(k_codes, v_codes, v_scale, v_zero, k_scale, k_zero, chan, count[..., None])
+
+    def bytes_formula(self, num_tokens: int, head_dim: int, batch: int, kv_heads: int, dtype: torch.dtype) -> int:
+        if num_tokens < self.streaming_gap:
+            return batch * kv_heads * fp_bytes(num_tokens, head_dim, dtype)
+        sb = element_bytes(self.torch_scale_dtype)
+        n_low = math.floor(num_tokens * self.ratio)
+        per_head = fp_bytes(0, head_dim, dtype) + math.ceil(num_tokens / 8)  # counter + one tier bit per token
+        for n, bits in ((n_low, self.low_bits), (num_tokens - n_low, self.high_bits)):
+            if n:
+                per_head += (
+                    2 * n * head_dim * bits // 8  # K and V codes
+                    + 2 * n * sb  # value scale + zero per token
+                    + 3 * head_dim * sb  # key scale + zero per channel, CSTQuant channel normaliser
+                    + 4  # rows in the set (int32)
+                )
+        return batch * kv_heads * per_head
