@@ -393,6 +393,16 @@ class KVStore:
                 visible = real & mask.gather(2, slots)
             yield k, v, visible
 
+    def bit_widths(self) -> torch.Tensor:
+        """Bits each slot is stored at ``[B, H_kv, num_tokens]`` (full-precision slots: the dtype's width)."""
+        out = torch.zeros(self.batch, self.kv_heads, self.num_tokens + 1, dtype=torch.int64, device=self.device)
+        if self.fp_count is None:
+            return out[..., :-1]
+        widths = [tier.bits for tier in self.tiers] + [torch.finfo(self.dtype).bits]
+        for bits, (slots, real) in zip(widths, self._regions()):
+            out.scatter_(2, slots.clamp(max=self.num_tokens).masked_fill(~real, self.num_tokens), bits)
+        return out[..., :-1]
+
     def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole cache ``(K, V)`` ``[B, H_kv, num_tokens, D]`` in slot order and the store's dtype."""
         shape = (self.batch, self.kv_heads, self.num_tokens + 1, self.head_dim)

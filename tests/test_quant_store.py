@@ -1,0 +1,312 @@
+"""Codecs and the per-layer store: registry, windows at their boundaries, salient bit widths, measured
+bytes, and composition with eviction (exactly the kept tokens, bit for bit)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import kvcache
+from kvcache.registry import PolicyConfigError
+from kvcache.selector import select_keep
+
+D = 16
+
+
+def _kv(b: int, h: int, t: int, d: int = D, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(b, h, t, d, generator=gen), torch.randn(b, h, t, d, generator=gen)
+
+
+def _fp_count(store: kvcache.quant.KVStore) -> list[int]:
+    return store.fp_count.flatten().tolist()
+
+
+# ----------------------------------------------------------------------------------- registry, errors
+def test_registered_with_defaults() -> None:
+    assert {"none", "kivi", "zipcache"} <= set(kvcache.names("quant"))
+    z = kvcache.create("quant", "zipcache")
+    assert (z.high_bits, z.low_bits, z.ratio, z.streaming_gap) == (4, 2, 0.4, 100)
+    k = kvcache.create("quant", "kivi:bits=4,group_size=16")
+    assert (k.bits, k.group_size, k.residual) == (4, 16, 128)
+    assert kvcache.create("quant", "kivi").bits == 2
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("kivi:bits=3", "bits must be one of 2, 4, 8"),
+        ("kivi:group_size=0", "group_size must be a positive int"),
+        ("kivi:residual=-1", "residual must be an int >= 0"),
+        ("zipcache:high_bits=5", "high_bits must be one of 2, 4, 8"),
+        ("zipcache:low_bits=1", "low_bits must be one of 2, 4, 8"),
+        ("zipcache:high_bits=2,low_bits=4", "must not exceed high_bits"),
+        ("zipcache:ratio=1.5", r"ratio must be a fraction in \[0, 1\]"),
+        ("zipcache:streaming_gap=0", "streaming_gap must be a positive int"),
+        ("kivi:scale_dtype=int8", "scale_dtype must be one of float16, bfloat16, float32"),
+    ],
+)
+def test_bad_configs_name_the_valid_choices(spec: str, message: str) -> None:
+    with pytest.raises(PolicyConfigError, match=message):
+        kvcache.create("quant", spec)
+
+
+def test_group_size_must_divide_head_dim() -> None:
+    with pytest.raises(PolicyConfigError, match="group_size 48 does not divide head_dim 64; valid group sizes: 1, 2, 4, 8, 16, 32, 64"):
+        kvcache.create("quant", "kivi:group_size=48").new_store(64)
+    with pytest.raises(PolicyConfigError, match="head_dim must be a multiple of 4"):
+        kvcache.create("quant", "zipcache").new_store(6)
+
+
+# ---------------------------------------------------------------------------------------- none codec
+def test_none_is_the_identity() -> None:
+    k, v = _kv(2, 3, 37)
+    store = kvcache.create("quant", "none").new_store(D, torch.float16)
+    store.append(k, v)
+    k2, v2 = store.dequantize()
+    assert torch.equal(k2, k.half()) and torch.equal(v2, v.half())
+    assert store.nbytes() == 2 * 2 * 3 * 37 * D * 2 + 2 * 3 * 4  # K+V at 2 bytes + the per-head counter
+    assert (store.bit_widths() == 16).all()
+
+
+# ---------------------------------------------------------------------------- KIVI residual window
+R, G = 8, 4
+
+
+def _kivi_quantised(tokens: int) -> int:
+    return max(0, (tokens - R) // G) * G
+
+
+@pytest.mark.parametrize("tokens", [R - 1, R, R + 1, R + G - 1, R + G, R + G + 1, 3 * R + 2])
+def test_kivi_residual_window_at_prefill(tokens: int) -> None:
+    k, v = _kv(1, 2, tokens)
+    store = kvcache.create("quant", f"kivi:residual={R},group_size={G}").new_store(D, torch.float32)
+    store.append(k, v)
+    n_q = _kivi_quantised(tokens)
+    assert store.quantized_count().flatten().tolist() == [n_q, n_q]
+    assert _fp_count(store) == [tokens - n_q] * 2
+    k2, v2 = store.dequantize()
+    assert torch.equal(k2[:, :, n_q:], k[:, :, n_q:]) and torch.equal(v2[:, :, n_q:], v[:, :, n_q:])
+    assert tokens - n_q >= min(tokens, R)  # the last R tokens are always full precision
+    assert (store.bit_widths()[..., :n_q] == 2).all() and (store.bit_widths()[..., n_q:] == 32).all()
+
+
+def test_kivi_residual_window_while_decoding() -> None:
+    k, v = _kv(1, 2, R + 2 * G + 2)
+    store = kvcache.create("quant", f"kivi:residual={R},group_size={G}").new_store(D, torch.float32)
+    for t in range(k.shape[2]):
+        assert store.will_flush(1) == (_kivi_quantised(t + 1) > _kivi_quantised(t))
+        store.append(k[:, :, t : t + 1], v[:, :, t : t + 1])
+        assert store.quantized_count().flatten().tolist() == [_kivi_quantised(t + 1)] * 2
+        assert R <= _fp_count(store)[0] + (R - min(R, t + 1)) < R + G
+
+
+# ------------------------------------------------------------------------ ZipCache streaming buffer
+GAP = 5
+
+
+def _zip(gap: int = GAP, **params: object) -> kvcache.quant.KVStore:
+    spec = ",".join(f"{k}={v}" for k, v in {"streaming_gap": gap, **params}.items())
+    return kvcache.create("quant", f"zipcache:{spec}").new_store(D, torch.float32)
+
+
+def _append_scored(store: kvcache.quant.KVStore, k: torch.Tensor, v: torch.Tensor, seed: int = 0) -> None:
+    b, h, t, _ = k.shape
+    sal = torch.rand(b, h, store.num_tokens + t, generator=torch.Generator().manual_seed(seed))
+    store.append(k, v, sal)
+
+
+@pytest.mark.parametrize("prompt", [GAP - 1, GAP, GAP + 1])
+def test_zipcache_prompt_at_the_gap_boundary(prompt: int) -> None:
+    store = _zip()
+    k, v = _kv(1, 2, prompt)
+    _append_scored(store, k, v)
+    quantised = prompt if prompt >= GAP else 0
+    assert store.quantized_count().flatten().tolist() == [quantised] * 2
+    assert _fp_count(store) == [prompt - quantised] * 2
+
+
+@pytest.mark.parametrize("steps", [GAP - 1, GAP, GAP + 1, 2 * GAP + 1])
+def test_zipcache_decode_buffer_flushes_every_gap_steps(steps: int) -> None:
+    prompt = 3 * GAP
+    store = _zip()
+    k, v = _kv(1, 2, prompt + steps)
+    _append_scored(store, k[:, :, :prompt], v[:, :, :prompt])
+    for t in range(prompt, prompt + steps):
+        _append_scored(store, k[:, :, t : t + 1], v[:, :, t : t + 1], seed=t)
+    buffered = steps % GAP
+    assert _fp_count(store) == [buffered] * 2
+    assert store.quantized_count().flatten().tolist() == [prompt + steps - buffered] * 2
+    k2, _ = store.dequantize()
+    assert torch.equal(k2[:, :, prompt + steps - buffered :], k[:, :, prompt + steps - buffered :])
+
+
+def test_zipcache_needs_saliency_when_it_flushes() -> None:
+    store = _zip()
+    k, v = _kv(1, 2, GAP)
+    assert store.will_flush(GAP - 1) is False and store.will_flush(GAP) is True
+    store.append(k[:, :, :2], v[:, :, :2])  # buffered only: saliency not needed
+    with pytest.raises(ValueError, match="needs their saliency"):
+        store.append(k[:, :, 2:], v[:, :, 2:])
+    with pytest.raises(ValueError, match=r"saliency must be \[B, H_kv, num_tokens \+ t\]"):
+        store.append(k[:, :, 2:], v[:, :, 2:], torch.rand(1, 2, 3))
+
+
+@settings(max_examples=20, deadline=None)
+@given(tokens=st.integers(1, 40), ratio=st.sampled_from([0.0, 0.25, 0.4, 0.5, 1.0]), seed=st.integers(0, 999))
+def test_salient_tokens_get_the_high_bit_width(tokens: int, ratio: float, seed: int) -> None:
+    store = _zip(gap=1, ratio=ratio)
+    k, v = _kv(2, 3, tokens, seed=seed)
+    sal = torch.rand(2, 3, tokens, generator=torch.Generator().manual_seed(seed))
+    store.append(k, v, sal)
+    n_low = math.floor(ratio * tokens)
+    rank = sal.argsort(-1).argsort(-1)  # 0 = least salient
+    expected = torch.where(rank < n_low, 2, 4)
+    assert torch.equal(store.bit_widths(), expected)
+
+
+def test_salient_tokens_are_reconstructed_better() -> None:
+    store = _zip(gap=1)
+    k, v = _kv(1, 2, 200, d=64, seed=3)
+    store = kvcache.create("quant", "zipcache:streaming_gap=1").new_store(64, torch.float32)
+    store.append(k, v, torch.rand(1, 2, 200, generator=torch.Generator().manual_seed(1)))
+    k2, v2 = store.dequantize()
+    high = store.bit_widths() == 4
+    for orig, back in ((k, k2), (v, v2)):
+        err = (orig - back).pow(2).mean(-1)
+        assert err[high].mean() * 4 < err[~high].mean()
+
+
+# ------------------------------------------------------------------------------------ bytes held
+CODECS = ["none", "kivi", "kivi:bits=4", "kivi:group_size=8,residual=16", "zipcache", "zipcache:ratio=0.7,streaming_gap=7,scale_dtype=bfloat16"]
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    spec=st.sampled_from(CODECS),
+    tokens=st.integers(1, 300),
+    head_dim=st.sampled_from([32, 64, 128]),
+    batch=st.integers(1, 2),
+    heads=st.integers(1, 3),
+    dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
+)
+def test_measured_bytes_match_the_formula(spec: str, tokens: int, head_dim: int, batch: int, heads: int, dtype: torch.dtype) -> None:
+    codec = kvcache.create("quant", spec)
+    store = codec.new_store(head_dim, dtype)
+    k, v = _kv(batch, heads, tokens, head_dim)
+    store.append(k, v, torch.rand(batch, heads, tokens))
+    assert store.nbytes() == codec.bytes_formula(tokens, head_dim, batch, heads, dtype)
+    # and nbytes counts what is really held: every byte of every tensor
+    held = [store.fp_k, store.fp_v, store.fp_count, store._flags] + [t for tier in store.tiers for t in tier.tensors()]
+    assert store.nbytes() == sum(t.numel() * t.element_size() for t in held if t is not None)
+
+
+def test_zipcache_defaults_compress_at_least_4_5x() -> None:
+    tokens, head_dim = 4096, 64
+    store = kvcache.create("quant", "zipcache").new_store(head_dim, torch.float16)
+    k, v = _kv(1, 3, tokens, head_dim)
+    store.append(k, v, torch.rand(1, 3, tokens))
+    sixteen_bit = 2 * 3 * tokens * head_dim * 2
+    assert sixteen_bit / store.nbytes() >= 4.5
+    assert store.quantized_count().flatten().tolist() == [tokens] * 3
+
+
+# ---------------------------------------------------------------------------- eviction composition
+def _random_keep(b: int, h: int, t: int, c: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(t, generator=gen)[:c] for _ in range(b * h)]).reshape(b, h, c)
+
+
+def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return x.gather(2, idx[..., None].expand(-1, -1, -1, x.shape[-1]))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    spec=st.sampled_from(["none", "kivi:residual=8,group_size=4", "zipcache:streaming_gap=6", "zipcache:streaming_gap=50"]),
+    prompt=st.integers(1, 60),
+    steps=st.integers(0, 9),
+    keep_frac=st.floats(0.0, 1.0),
+    seed=st.integers(0, 999),
+)
+def test_keep_holds_exactly_the_kept_tokens(spec: str, prompt: int, steps: int, keep_frac: float, seed: int) -> None:
+    store = kvcache.create("quant", spec).new_store(D, torch.float32)
+    k, v = _kv(2, 3, prompt + steps, seed=seed)
+    _append_scored(store, k[:, :, :prompt], v[:, :, :prompt], seed)
+    for t in range(prompt, prompt + steps):
+        _append_scored(store, k[:, :, t : t + 1], v[:, :, t : t + 1], seed + t)
+    before_k, before_v = store.dequantize()
+    before_bits = store.bit_widths()
+    c = int(keep_frac * store.num_tokens)
+    idx = _random_keep(2, 3, store.num_tokens, c, seed)
+    store.keep(idx)
+    ordered = idx.sort(-1).values  # kept slots keep their relative order
+    after_k, after_v = store.dequantize()
+    assert store.num_tokens == c
+    assert torch.equal(after_k, _gather(before_k, ordered)) and torch.equal(after_v, _gather(before_v, ordered))
+    assert torch.equal(store.bit_widths(), before_bits.gather(2, ordered))
+    # appending (and flushing) after eviction keeps working: quantised tokens stay bit-identical, the
+    # rest (buffered, then maybe quantised now) within half a quantisation step
+    quantised = store.bit_widths() < 32
+    new_k, new_v = _kv(2, 3, 7, seed=seed + 1)
+    for t in range(7):
+        _append_scored(store, new_k[:, :, t : t + 1], new_v[:, :, t : t + 1], seed + 100 + t)
+    final_k, _ = store.dequantize()
+    assert torch.equal(final_k[:, :, :c][quantised], after_k[quantised])
+    step = max((tier.k_scale.float().max().item() for tier in store.tiers if tier.k_scale is not None), default=0.0)
+    assert (final_k - torch.cat([after_k, new_k], 2)).abs().max() <= step / 2 + 1e-5
+
+
+def test_keep_frees_memory_and_checks_indices() -> None:
+    store = kvcache.create("quant", "kivi:residual=16,group_size=8").new_store(D, torch.float16)
+    k, v = _kv(1, 2, 200)
+    store.append(k, v)
+    full = store.nbytes()
+    store.keep(torch.arange(100).expand(1, 2, 100))  # 184 quantised + 16 buffered -> 100 quantised
+    groups = math.ceil(100 / 8)  # key groups still in use (the last one partly)
+    per_head = 2 * 100 * D * 2 // 8 + 2 * 100 * (D // 8) * 2 + groups * (2 * D * 2 + 4) + 4
+    assert store.nbytes() == 2 * per_head < 0.55 * full
+    store.keep(torch.arange(0, 100, 2).expand(1, 2, 50))  # every other token: key groups all still used
+    assert store.nbytes() == 2 * (2 * 50 * D * 2 // 8 + 2 * 50 * (D // 8) * 2 + groups * (2 * D * 2 + 4) + 4)
+    held, k_before = store.nbytes(), store.dequantize()[0]
+    store.keep(torch.arange(50).expand(1, 2, 50))  # keep everything: nothing changes
+    assert store.nbytes() == held and torch.equal(store.dequantize()[0], k_before)
+    with pytest.raises(ValueError, match=r"keep indices must lie in \[0, 50\)"):
+        store.keep(torch.full((1, 2, 3), 50))
+    with pytest.raises(ValueError, match="repeat a slot"):
+        store.keep(torch.zeros(1, 2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"indices must be \[B=1, H_kv=2, C\]"):
+        store.keep(torch.zeros(2, 2, 2, dtype=torch.long))
+
+
+def test_saliency_and_eviction_scores_from_one_set_of_statistics() -> None:
+    """SnapKV-style window votes and ZipCache saliency from the same probabilities; the store then holds
+    exactly the selector's tokens, at the bit widths the saliency ranking gives them."""
+    from attention.scoring import visibility, window_probabilities
+    from kvcache.quant.saliency import normalized_attention
+
+    b, h_kv, g, t, w = 1, 2, 3, 80, 8
+    gen = torch.Generator().manual_seed(5)
+    queries = torch.randn(b, h_kv * g, t, D, generator=gen)
+    keys, values = _kv(b, h_kv, t, seed=6)
+    key_index = torch.arange(t).expand(b, h_kv, t)
+    key_valid = torch.ones(b, h_kv, t, dtype=torch.bool)
+    query_index = torch.arange(t).expand(b, t)
+    probs = window_probabilities(queries, keys, key_index, key_valid, query_index, D**-0.5, w)  # computed once
+    votes = probs.sum(3).mean(2)  # the eviction policy's scores
+    visible = visibility(key_index, key_valid, query_index[:, -w:])
+    saliency = normalized_attention(probs, visible=visible)  # ZipCache's saliency
+    protected = key_index >= t - w
+    keep, _ = select_keep(votes, key_valid, protected, torch.tensor([40]), 40)
+    store = kvcache.create("quant", "zipcache:streaming_gap=16").new_store(D, torch.float32)
+    store.append(keys, values, saliency)
+    before_k, _ = store.dequantize()
+    store.keep(keep)
+    assert torch.equal(store.dequantize()[0], _gather(before_k, keep))
+    kept_saliency = saliency.gather(2, keep)
+    bits = store.bit_widths()
+    assert kept_saliency[bits == 4].min() >= kept_saliency[bits == 2].max()
