@@ -1,0 +1,178 @@
+"""``kvcache quant-bench``: measured bytes, round-trip error and CPU attention speed of the KV codecs.
+
+Everything is measured on one layer's store filled with synthetic data (no model needed): keys are
+Gaussian with a few outlier channels (x8, as real post-RoPE keys have), values Gaussian. ZipCache's
+saliency comes from ZipCache's own probe queries (:func:`kvcache.quant.saliency.probe_positions`).
+Reported per codec and head dim: bytes held (``KVStore.nbytes``), bytes per token per KV head, the
+compression ratio against a 16-bit cache of the same tokens, relative RMS error of K and V, the relative
+error of decode attention over the packed cache against fp32 attention over the original K/V, and then
+``attend_packed`` time against dense ``scaled_dot_product_attention`` for a few cache lengths.
+Output is JSON (stdout or ``--output``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import time
+
+import torch
+
+import kvcache
+from attention.quantized import attend_packed
+from kvcache.quant.saliency import attention_saliency, probe_positions
+
+DEFAULT_CODECS = ["none", "kivi:bits=2", "kivi:bits=4", "zipcache"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--codecs", nargs="+", default=DEFAULT_CODECS, help="quant specs to measure")
+    parser.add_argument("--head-dims", nargs="+", type=int, default=[64, 128])
+    parser.add_argument("--tokens", type=int, default=4096, help="prompt tokens stored for the memory/error rows")
+    parser.add_argument("--decode-steps", type=int, default=0, help="decode tokens appended after the prompt")
+    parser.add_argument("--kv-heads", type=int, default=3, help="KV heads (SmolLM2-135M: 3)")
+    parser.add_argument("--query-heads", type=int, default=9, help="query heads (SmolLM2-135M: 9)")
+    parser.add_argument("--layers", type=int, default=30, help="layers, for bytes per token of a whole model (SmolLM2-135M: 30)")
+    parser.add_argument("--lengths", nargs="+", type=int, default=[1024, 4096, 16384], help="cache lengths for timing")
+    parser.add_argument("--speed-codecs", nargs="+", default=["kivi:bits=2", "zipcache"], help="codecs timed")
+    parser.add_argument("--block-size", type=int, default=512, help="attend_packed block size")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", help="write JSON here instead of stdout")
+
+
+def synthetic_kv(kv_heads: int, tokens: int, head_dim: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    channel_scale = torch.ones(kv_heads, 1, head_dim)
+    outliers = torch.randint(0, head_dim, (kv_heads, 4), generator=gen)
+    channel_scale.scatter_(2, outliers[:, None], 8.0)
+    keys = torch.randn(1, kv_heads, tokens, head_dim, generator=gen) * channel_scale
+    values = torch.randn(1, kv_heads, tokens, head_dim, generator=gen)
+    return keys, values
+
+
+def filled_store(spec: str, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor, prompt: int, gen: torch.Generator) -> kvcache.quant.KVStore:
+    """A fp16 store of ``keys``/``values``: the first ``prompt`` as one append, the rest one per step."""
+    head_dim = keys.shape[-1]
+    store = kvcache.create("quant", spec).new_store(head_dim, torch.float16)
+    scaling = 1 / math.sqrt(head_dim)
+    probes = probe_positions(prompt, generator=gen)
+    sal = None
+    if store.will_flush(prompt):
+        sal = attention_saliency(queries[:, :, probes], keys[:, :, :prompt], scaling, query_index=probes[None])
+    store.append(keys[:, :, :prompt], values[:, :, :prompt], sal)
+    for t in range(prompt, keys.shape[2]):
+        sal = None
+        if store.will_flush(1):
+            sal = attention_saliency(queries[:, :, t : t + 1], keys[:, :, : t + 1], scaling)
+        store.append(keys[:, :, t : t + 1], values[:, :, t : t + 1], sal)
+    return store
+
+
+def _rel(err: torch.Tensor, ref: torch.Tensor) -> float:
+    return float(err.float().norm() / ref.float().norm())
+
+
+def memory_and_error(args: argparse.Namespace) -> list[dict[str, object]]:
+    rows = []
+    for head_dim in args.head_dims:
+        gen = torch.Generator().manual_seed(args.seed)
+        total = args.tokens + args.decode_steps
+        keys, values = synthetic_kv(args.kv_heads, total, head_dim, gen)
+        queries = torch.randn(1, args.query_heads, total, head_dim, generator=gen)
+        group = args.query_heads // args.kv_heads
+        probe = queries[:, :, -1:]
+        exact = torch.nn.functional.scaled_dot_product_attention(
+            probe, keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+        )
+        sixteen_bit = 2 * args.kv_heads * total * head_dim * 2
+        for spec in args.codecs:
+            store = filled_store(spec, keys, values, queries, args.tokens, torch.Generator().manual_seed(args.seed))
+            k_hat, v_hat = store.dequantize()
+            out = attend_packed(probe, store, block_size=args.block_size)
+            bits = store.bit_widths().float()
+            rows.append(
+                {
+                    "codec": spec,
+                    "head_dim": head_dim,
+                    "tokens": total,
+                    "bytes": store.nbytes(),
+                    "bytes_per_token_per_kv_head": store.nbytes() / (args.kv_heads * total),
+                    "bytes_per_token_all_layers": store.nbytes() * args.layers / total,
+                    "ratio_vs_16bit": sixteen_bit / store.nbytes(),
+                    "mean_code_bits": float(bits.mean()),
+                    "fp_buffered_tokens": int(store.fp_count.max()),
+                    "key_rel_rms_error": _rel(k_hat.float() - keys, keys),
+                    "value_rel_rms_error": _rel(v_hat.float() - values, values),
+                    "attention_rel_error": _rel(out - exact, exact),
+                }
+            )
+    return rows
+
+
+def _median_ms(fn: object, repeats: int) -> float:
+    fn()  # type: ignore[operator]
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()  # type: ignore[operator]
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def speed(args: argparse.Namespace) -> list[dict[str, object]]:
+    rows = []
+    head_dim = args.head_dims[0]
+    group = args.query_heads // args.kv_heads
+    for length in args.lengths:
+        gen = torch.Generator().manual_seed(args.seed)
+        keys, values = synthetic_kv(args.kv_heads, length, head_dim, gen)
+        query = torch.randn(1, args.query_heads, 1, head_dim, generator=gen)
+        k16, v16 = keys.half(), values.half()
+
+        def dense() -> torch.Tensor:
+            k = k16.float().repeat_interleave(group, 1)
+            v = v16.float().repeat_interleave(group, 1)
+            return torch.nn.functional.scaled_dot_product_attention(query, k, v)
+
+        row: dict[str, object] = {"length": length, "head_dim": head_dim, "sdpa_fp16_cache_ms": _median_ms(dense, args.repeats)}
+        for spec in args.speed_codecs:
+            sal = torch.rand(1, args.kv_heads, length, generator=gen)
+            store = kvcache.create("quant", spec).new_store(head_dim, torch.float16)
+            store.append(keys, values, sal)
+            row[f"attend_packed_{spec}_ms"] = _median_ms(lambda s=store: attend_packed(query, s, block_size=args.block_size), args.repeats)
+        rows.append(row)
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    torch.manual_seed(args.seed)
+    result = {
+        "device": "cpu",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "kv_heads": args.kv_heads,
+        "query_heads": args.query_heads,
+        "memory_and_error": memory_and_error(args),
+        "speed_decode_one_query": speed(args),
+    }
+    text = json.dumps(result, indent=2)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text + "\n")
+    else:
+        print(text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
