@@ -18,7 +18,27 @@ import math
 
 import torch
 
-from kvcache.quant.store import KVStore
+from kvcache.quant.store import Block, KVStore
+
+
+def _prepare(query: torch.Tensor, store: KVStore, scaling: float | None) -> torch.Tensor:
+    """Scaled fp32 queries viewed as ``[B, H_kv, G, q, D]`` (checks they fit the store)."""
+    b, h_q, q, d = query.shape
+    if d != store.head_dim:
+        raise ValueError(f"query head dim {d} does not match the store's {store.head_dim}")
+    h_kv = store.kv_heads
+    if b != store.batch or h_kv == 0 or h_q % h_kv:
+        raise ValueError(f"query [B={b}, H_q={h_q}] does not fit a store of [B={store.batch}, H_kv={h_kv}]")
+    scale = 1.0 / math.sqrt(d) if scaling is None else scaling
+    return query.reshape(b, h_kv, h_q // h_kv, q, d).float() * scale
+
+
+def _block_logits(grouped: torch.Tensor, block: Block) -> torch.Tensor:
+    """Masked logits ``[B, H_kv, G, q, n]`` of one block (invisible rows at -inf)."""
+    logits = torch.matmul(grouped, block.keys[:, :, None].transpose(-1, -2))
+    visible = block.visible
+    visible = visible[:, :, None, None, :] if visible.dim() == 3 else visible[:, :, None]
+    return logits.masked_fill(~visible, float("-inf"))
 
 
 def attend_packed(
@@ -27,41 +47,64 @@ def attend_packed(
     mask: torch.Tensor | None = None,
     scaling: float | None = None,
     block_size: int = 512,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention output ``[B, H_q, q, D]`` of ``query`` ``[B, H_q, q, D]`` over every slot of ``store``.
 
     ``mask`` (True = may attend, slot order) is ``[B, H_kv, T]`` (key validity, e.g. padding) or
     ``[B, H_kv, q, T]`` (per query, e.g. causal); None attends to every slot. ``scaling`` defaults to
     ``1 / sqrt(D)``. A query that may attend to no slot gets a zero output. Computed in fp32, returned
-    in ``query.dtype``.
+    in ``query.dtype``. With ``return_lse`` also returns the fp32 log-sum-exp of the logits
+    ``[B, H_q, q]`` (-inf where nothing is visible), which :func:`packed_probabilities` reuses.
     """
-    b, h_q, q, d = query.shape
-    if d != store.head_dim:
-        raise ValueError(f"query head dim {d} does not match the store's {store.head_dim}")
     if store.num_tokens == 0:
-        return torch.zeros_like(query)
-    h_kv = store.kv_heads
-    if b != store.batch or h_q % h_kv:
-        raise ValueError(f"query [B={b}, H_q={h_q}] does not fit a store of [B={store.batch}, H_kv={h_kv}]")
-    g = h_q // h_kv
-    scale = 1.0 / math.sqrt(d) if scaling is None else scaling
-    grouped = query.reshape(b, h_kv, g, q, d).float() * scale
-    running_max = torch.full((b, h_kv, g, q, 1), float("-inf"), device=query.device)
-    norm = torch.zeros((b, h_kv, g, q, 1), device=query.device)
-    acc = torch.zeros((b, h_kv, g, q, d), device=query.device)
-    for keys, values, visible in store.blocks(block_size, mask):
-        logits = torch.matmul(grouped, keys[:, :, None].transpose(-1, -2))  # [B, H_kv, G, q, n]
-        if visible.dim() == 3:
-            visible = visible[:, :, None, None, :]
-        else:
-            visible = visible[:, :, None]
-        logits = logits.masked_fill(~visible, float("-inf"))
+        empty = torch.full(query.shape[:3], float("-inf"), device=query.device)
+        return (torch.zeros_like(query), empty) if return_lse else torch.zeros_like(query)
+    grouped = _prepare(query, store, scaling)
+    stats = grouped.shape[:4] + (1,)
+    running_max = torch.full(stats, float("-inf"), device=query.device)
+    norm = torch.zeros(stats, device=query.device)
+    acc = torch.zeros_like(grouped)
+    for block in store.blocks(block_size, mask):
+        logits = _block_logits(grouped, block)
         new_max = torch.maximum(running_max, logits.amax(-1, keepdim=True))
         safe_max = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
         probs = torch.exp(logits - safe_max)
         correction = torch.exp(running_max - safe_max)
         norm = norm * correction + probs.sum(-1, keepdim=True)
-        acc = acc * correction + torch.matmul(probs, values[:, :, None])
+        acc = acc * correction + torch.matmul(probs, block.values[:, :, None])
         running_max = new_max
     out = torch.where(norm > 0, acc / norm.clamp(min=torch.finfo(torch.float32).tiny), torch.zeros_like(acc))
-    return out.reshape(b, h_q, q, d).to(query.dtype)
+    out = out.reshape(query.shape).to(query.dtype)
+    if not return_lse:
+        return out
+    lse = (running_max + torch.log(norm)).reshape(query.shape[:3])
+    return out, lse
+
+
+def packed_probabilities(
+    query: torch.Tensor,
+    store: KVStore,
+    mask: torch.Tensor | None = None,
+    scaling: float | None = None,
+    block_size: int = 512,
+    lse: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention probabilities ``[B, H_q, q, T]`` in slot order over the packed cache, block by block.
+
+    These are the statistics eviction policies score with and ZipCache's saliency is made of
+    (:func:`kvcache.quant.saliency.normalized_attention`), so an adapter computes them once per step.
+    Pass ``lse`` from ``attend_packed(..., return_lse=True)`` to skip the first pass.
+    """
+    b, h_q, q, _ = query.shape
+    t = store.num_tokens
+    if lse is None:
+        _, lse = attend_packed(query, store, mask, scaling, block_size, return_lse=True)  # type: ignore[misc]
+    grouped = _prepare(query, store, scaling)
+    lse_g = lse.reshape(grouped.shape[:4] + (1,)).float()
+    lse_g = torch.where(torch.isinf(lse_g), torch.zeros_like(lse_g), lse_g)
+    out = torch.zeros(*grouped.shape[:4], t + 1, device=query.device)
+    for block in store.blocks(block_size, mask):
+        probs = torch.exp(_block_logits(grouped, block) - lse_g)
+        out.scatter_(-1, block.slots[:, :, None, None].expand_as(probs), probs)
+    return out[..., :t].reshape(b, h_q, q, t)

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kvcache
-from attention.quantized import attend_packed
+from attention.quantized import attend_packed, packed_probabilities
 from kvcache.quant.saliency import attention_saliency, normalized_attention, probe_positions
 
 D = 16
@@ -78,13 +78,17 @@ def test_attend_packed_equals_reference_over_dequantised(
     out = attend_packed(query, store, mask, scaling, block_size=block)
     assert out.shape == query.shape and out.dtype == query.dtype
     torch.testing.assert_close(out.double(), reference(query, keys, values, mask, scaling), atol=1e-5, rtol=1e-5)
+    # the probabilities in slot order (what eviction and ZipCache saliency use), from the same pass
+    _, lse = attend_packed(query, store, mask, scaling, block_size=block, return_lse=True)
+    probs = packed_probabilities(query, store, mask, scaling, block_size=block, lse=lse)
+    torch.testing.assert_close(probs.double(), reference(query, keys, torch.eye(t).expand(b, h_kv, t, t), mask, scaling), atol=1e-5, rtol=1e-5)
 
 
 def test_blocks_never_exceed_block_size_and_cover_every_token() -> None:
     store = _filled_store("zipcache:streaming_gap=10", 1, 2, 95, 7, 0)
-    sizes = [k.shape[2] for k, _, _ in store.blocks(block_size=16)]
+    sizes = [block.keys.shape[2] for block in store.blocks(block_size=16)]
     assert max(sizes) <= 16
-    visible = sum(int(vis.sum()) for _, _, vis in store.blocks(block_size=16))
+    visible = sum(int(block.visible.sum()) for block in store.blocks(block_size=16))
     assert visible == 2 * store.num_tokens
 
 

@@ -22,7 +22,7 @@ uses any more.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterator, NamedTuple
 
 import torch
 
@@ -66,6 +66,15 @@ def append_rows(
 def rows_below(count: torch.Tensor, n: int) -> torch.Tensor:
     """``[B, H, n]`` bool: row < count[b, h]."""
     return torch.arange(n, device=count.device) < count[..., None]
+
+
+class Block(NamedTuple):
+    """A dequantised block of rows from :meth:`KVStore.blocks`."""
+
+    keys: torch.Tensor  # [B, H, n, D] fp32
+    values: torch.Tensor  # [B, H, n, D] fp32
+    visible: torch.Tensor  # [B, H, n] or [B, H, q, n] bool (False on padding rows)
+    slots: torch.Tensor  # [B, H, n] slot of each row (padding rows: num_tokens)
 
 
 class Tier:
@@ -364,15 +373,15 @@ class KVStore:
                     k, v = tier.dequantize_rows(pid, start, stop)
                 yield slots[:, :, start:stop].clamp(max=self.num_tokens), real[:, :, start:stop], k, v
 
-    def blocks(
-        self, block_size: int = 256, mask: torch.Tensor | None = None
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Yield fp32 ``(K, V, visible)`` blocks of at most ``block_size`` rows, never the whole cache.
+    def blocks(self, block_size: int = 256, mask: torch.Tensor | None = None) -> Iterator[Block]:
+        """Yield fp32 :class:`Block` ``(keys, values, visible, slots)`` of at most ``block_size`` rows, never
+        the whole cache.
 
         ``K``/``V`` are ``[B, H_kv, n, D]``. ``mask`` (slot order, True = may attend) is ``[B, H_kv, T]`` or
         ``[B, H_kv, q, T]``; ``visible`` is it mapped to the block's rows, ``[B, H_kv, n]`` or
         ``[B, H_kv, q, n]``, and False on padding rows. Rows come in storage order (tier by tier, then
-        the fp buffer), which is not slot order: only order-free reductions (softmax) may use them.
+        the fp buffer), which is not slot order: ``slots`` maps each row to its slot (``num_tokens`` for
+        padding rows).
         """
         if mask is not None:
             if mask.dim() not in (3, 4) or (tuple(mask.shape[:2]), mask.shape[-1]) != (
@@ -391,7 +400,7 @@ class KVStore:
                 visible = real[:, :, None] & mask.gather(3, index)
             elif mask is not None:
                 visible = real & mask.gather(2, slots)
-            yield k, v, visible
+            yield Block(k, v, visible, slots.masked_fill(~real, self.num_tokens))
 
     def bit_widths(self) -> torch.Tensor:
         """Bits each slot is stored at ``[B, H_kv, num_tokens]`` (full-precision slots: the dtype's width)."""
