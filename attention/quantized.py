@@ -22,7 +22,7 @@ from kvcache.quant.store import Block, KVStore
 
 
 def _prepare(query: torch.Tensor, store: KVStore, scaling: float | None) -> torch.Tensor:
-    """Scaled fp32 queries viewed as ``[B, H_kv, G, q, D]`` (checks they fit the store)."""
+    """Scaled fp32 queries as ``[B, H_kv, G * q, D]`` (query heads of a KV group stacked; checks they fit)."""
     b, h_q, q, d = query.shape
     if d != store.head_dim:
         raise ValueError(f"query head dim {d} does not match the store's {store.head_dim}")
@@ -30,14 +30,18 @@ def _prepare(query: torch.Tensor, store: KVStore, scaling: float | None) -> torc
     if b != store.batch or h_kv == 0 or h_q % h_kv:
         raise ValueError(f"query [B={b}, H_q={h_q}] does not fit a store of [B={store.batch}, H_kv={h_kv}]")
     scale = 1.0 / math.sqrt(d) if scaling is None else scaling
-    return query.reshape(b, h_kv, h_q // h_kv, q, d).float() * scale
+    return query.reshape(b, h_kv, (h_q // h_kv) * q, d).float() * scale
 
 
 def _block_logits(grouped: torch.Tensor, block: Block) -> torch.Tensor:
-    """Masked logits ``[B, H_kv, G, q, n]`` of one block (invisible rows at -inf)."""
-    logits = torch.matmul(grouped, block.keys[:, :, None].transpose(-1, -2))
+    """Masked logits ``[B, H_kv, G * q, n]`` of one block (invisible rows at -inf)."""
+    logits = torch.matmul(grouped, block.keys.transpose(-1, -2))
     visible = block.visible
-    visible = visible[:, :, None, None, :] if visible.dim() == 3 else visible[:, :, None]
+    if visible.dim() == 3:
+        visible = visible[:, :, None, :]
+    else:  # [B, H_kv, q, n] -> the same rows for every query head of the group
+        b, h, q, n = visible.shape
+        visible = visible[:, :, None].expand(b, h, logits.shape[2] // q, q, n).reshape(b, h, -1, n)
     return logits.masked_fill(~visible, float("-inf"))
 
 
@@ -61,7 +65,7 @@ def attend_packed(
         empty = torch.full(query.shape[:3], float("-inf"), device=query.device)
         return (torch.zeros_like(query), empty) if return_lse else torch.zeros_like(query)
     grouped = _prepare(query, store, scaling)
-    stats = grouped.shape[:4] + (1,)
+    stats = grouped.shape[:3] + (1,)
     running_max = torch.full(stats, float("-inf"), device=query.device)
     norm = torch.zeros(stats, device=query.device)
     acc = torch.zeros_like(grouped)
@@ -72,7 +76,7 @@ def attend_packed(
         probs = torch.exp(logits - safe_max)
         correction = torch.exp(running_max - safe_max)
         norm = norm * correction + probs.sum(-1, keepdim=True)
-        acc = acc * correction + torch.matmul(probs, block.values[:, :, None])
+        acc = acc * correction + torch.matmul(probs, block.values)
         running_max = new_max
     out = torch.where(norm > 0, acc / norm.clamp(min=torch.finfo(torch.float32).tiny), torch.zeros_like(acc))
     out = out.reshape(query.shape).to(query.dtype)
@@ -101,10 +105,10 @@ def packed_probabilities(
     if lse is None:
         _, lse = attend_packed(query, store, mask, scaling, block_size, return_lse=True)  # type: ignore[misc]
     grouped = _prepare(query, store, scaling)
-    lse_g = lse.reshape(grouped.shape[:4] + (1,)).float()
+    lse_g = lse.reshape(grouped.shape[:3] + (1,)).float()
     lse_g = torch.where(torch.isinf(lse_g), torch.zeros_like(lse_g), lse_g)
-    out = torch.zeros(*grouped.shape[:4], t + 1, device=query.device)
+    out = torch.zeros(*grouped.shape[:3], t + 1, device=query.device)
     for block in store.blocks(block_size, mask):
         probs = torch.exp(_block_logits(grouped, block) - lse_g)
-        out.scatter_(-1, block.slots[:, :, None, None].expand_as(probs), probs)
+        out.scatter_(-1, block.slots[:, :, None].expand_as(probs), probs)
     return out[..., :t].reshape(b, h_q, q, t)

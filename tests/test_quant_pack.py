@@ -26,6 +26,7 @@ def test_pack_unpack_inverse(bits: int, lead: list[int], groups: int, seed: int)
     assert packed.shape == (*lead, packed_length(n, bits))
     assert packed.shape[-1] * 8 == n * bits
     assert torch.equal(unpack(packed, bits), codes)
+    assert torch.equal(unpack(packed, bits, torch.float32), codes.float())
 
 
 def test_byte_layout_first_code_in_low_bits() -> None:

@@ -36,13 +36,27 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return shifted.to(torch.int32).sum(-1).to(torch.uint8)
 
 
-def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of :func:`pack`: ``[..., M]`` uint8 -> ``[..., M * 8 // bits]`` uint8 codes."""
+_TABLES: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _table(bits: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[256, 8 // bits]``: the codes held by each byte value (a lookup beats shifting every byte)."""
+    key = (bits, dtype, device)
+    if key not in _TABLES:
+        byte = torch.arange(256, dtype=torch.int32, device=device)[:, None]
+        fields = torch.bitwise_right_shift(byte, _shifts(bits, device).to(torch.int32)) & ((1 << bits) - 1)
+        _TABLES[key] = fields.to(dtype)
+    return _TABLES[key]
+
+
+def unpack(packed: torch.Tensor, bits: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """Inverse of :func:`pack`: ``[..., M]`` uint8 -> ``[..., M * 8 // bits]`` codes as ``dtype``."""
     _check(bits, 8 // bits if bits in PACK_BITS else 1)
     if bits == 8:
-        return packed
-    fields = torch.bitwise_right_shift(packed[..., None], _shifts(bits, packed.device)) & ((1 << bits) - 1)
-    return fields.reshape(*packed.shape[:-1], packed.shape[-1] * (8 // bits))
+        return packed.to(dtype)
+    table = _table(bits, dtype, packed.device)
+    codes = table.index_select(0, packed.reshape(-1).to(torch.int32))
+    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * (8 // bits))
 
 
 def packed_length(length: int, bits: int) -> int:

@@ -147,27 +147,46 @@ class Tier:
                 setattr(self, field, value[:, :, used])
         self.group_count = kept_per_group[:, :, used]
 
-    def dequantize_rows(self, pid: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """fp32 ``(K, V)`` ``[B, H, stop - start, D]`` of rows ``start:stop``; ``pid`` from :meth:`pids`."""
+    def uniform_group(self) -> int:
+        """``g`` when every group of every head holds exactly ``g`` rows (row r uses group r // g), else 0."""
+        if self.group_count is None or self.group_count.numel() == 0:
+            return 0
+        g = int(self.group_count.flatten()[0])
+        if g and self.rows == g * self.group_count.shape[-1] and bool((self.group_count == g).all()):
+            return g
+        return 0
+
+    def _row_params(self, table: torch.Tensor, pid: torch.Tensor, uniform: int, start: int, stop: int) -> torch.Tensor:
+        """fp32 per-group parameters ``[B, H, P, D]`` for rows ``start:stop`` (broadcastable against them)."""
+        if table.shape[2] == 1:
+            return table.float()
+        if uniform and start % uniform == 0 and stop % uniform == 0:
+            return table[:, :, start // uniform : stop // uniform].float().repeat_interleave(uniform, dim=2)
+        index = pid[:, :, start:stop, None].expand(-1, -1, -1, table.shape[-1])
+        return table.gather(2, index).float()
+
+    def dequantize_rows(
+        self, pid: torch.Tensor, start: int, stop: int, uniform: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 ``(K, V)`` ``[B, H, stop - start, D]`` of rows ``start:stop``; ``pid`` from :meth:`pids`,
+        ``uniform`` from :meth:`uniform_group` (a shortcut for evenly filled groups)."""
         assert self.k_codes is not None and self.v_codes is not None
         assert self.k_scale is not None and self.k_zero is not None
         assert self.v_scale is not None and self.v_zero is not None
-        d = self.k_scale.shape[-1]
-        index = pid[:, :, start:stop, None].expand(-1, -1, -1, d)
         k = decode(
-            unpack(self.k_codes[:, :, start:stop], self.bits),
-            self.k_scale.gather(2, index),
-            self.k_zero.gather(2, index),
+            unpack(self.k_codes[:, :, start:stop], self.bits, torch.float32),
+            self._row_params(self.k_scale, pid, uniform, start, stop),
+            self._row_params(self.k_zero, pid, uniform, start, stop),
         )
         v = dequantize_groups(
-            unpack(self.v_codes[:, :, start:stop], self.bits),
+            unpack(self.v_codes[:, :, start:stop], self.bits, torch.float32),
             self.v_scale[:, :, start:stop],
             self.v_zero[:, :, start:stop],
             -1,
             self.value_group,
         )
         if self.v_chan is not None:
-            v = v * self.v_chan.gather(2, index).float()
+            v = v * self._row_params(self.v_chan, pid, uniform, start, stop)
         return k, v
 
 
@@ -199,6 +218,7 @@ class KVStore:
         self.fp_count: torch.Tensor | None = None  # [B, H] int32
         self._flags: torch.Tensor | None = None  # [B, H, ceil(Q / 8)] packed: True = high-bit tier
         self._flag_rows = 0
+        self._maps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]] | None = None
 
     # ----------------------------------------------------------------------------------------- state
     def _zeros_count(self) -> torch.Tensor:
@@ -273,6 +293,7 @@ class KVStore:
         m_max = int(m.max())
         if m_max == 0:
             return
+        self._maps = None
         fp_sal = None
         if self.codec.needs_saliency:
             if saliency is None:
@@ -296,22 +317,35 @@ class KVStore:
         self.fp_k, self.fp_v = gather_rows(self.fp_k, order), gather_rows(self.fp_v, order)
 
     # ------------------------------------------------------------------------------------ slot maps
-    def _regions(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """For each tier and then the fp buffer: the slot of every row ``[B, H, N]`` and whether the row is real."""
+    def _tier_maps(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]]:
+        """Per tier: the slot of every row ``[B, H, N]``, whether the row is real, its parameter group
+        (:meth:`Tier.pids`) and :meth:`Tier.uniform_group`. Cached until the quantised part changes."""
+        if self._maps is not None:
+            return self._maps
         q_count = self.quantized_count()
-        regions = []
+        maps = []
         if len(self.tiers) == 1:
             tier = self.tiers[0]
             rows = torch.arange(tier.rows, device=self.device).expand(self.batch, self.kv_heads, tier.rows)
-            regions.append((rows, rows_below(q_count, tier.rows)))
+            maps.append((rows, rows_below(q_count, tier.rows)))
         elif len(self.tiers) == 2:
             flags = self._get_flags()
             in_q = rows_below(q_count, flags.shape[-1])
             for tier, member in zip(self.tiers, (~flags, flags)):
                 order, count = compaction(member & in_q)
-                regions.append((order[..., : tier.rows], rows_below(count, tier.rows)))
+                maps.append((order[..., : tier.rows], rows_below(count, tier.rows)))
+        self._maps = [
+            (slots, real, tier.pids() if tier.rows else None, tier.uniform_group())
+            for tier, (slots, real) in zip(self.tiers, maps)
+        ]
+        return self._maps
+
+    def _regions(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """For each tier and then the fp buffer: the slot of every row ``[B, H, N]`` and whether the row is real."""
+        regions = [(slots, real) for slots, real, _, _ in self._tier_maps()]
         assert self.fp_count is not None and self.fp_k is not None
         fp_n = self.fp_k.shape[2]
+        q_count = self.num_tokens - self.fp_count
         regions.append((q_count[..., None].long() + torch.arange(fp_n, device=self.device), rows_below(self.fp_count, fp_n)))
         return regions
 
@@ -336,6 +370,7 @@ class KVStore:
         if bool((slot_keep.sum(-1) != c).any()):
             raise ValueError("keep indices repeat a slot within a head")
         regions = self._regions()
+        self._maps = None
         if len(self.tiers) > 1:
             flags = self._get_flags()
             order, _ = compaction(slot_keep[..., : flags.shape[-1]] & rows_below(self.quantized_count(), flags.shape[-1]))
@@ -360,17 +395,18 @@ class KVStore:
             return
         assert self.fp_k is not None and self.fp_v is not None
         regions = self._regions()
-        sources: list[Tier | None] = [*self.tiers, None]
-        for tier, (slots, real) in zip(sources, regions):
-            pid = tier.pids() if tier is not None and tier.rows else None
+        maps = self._tier_maps()
+        for index, (slots, real) in enumerate(regions):
+            tier = self.tiers[index] if index < len(self.tiers) else None
             n = slots.shape[-1] if tier is None else tier.rows
             for start in range(0, n, block_size):
                 stop = min(start + block_size, n)
                 if tier is None:
                     k, v = self.fp_k[:, :, start:stop].float(), self.fp_v[:, :, start:stop].float()
                 else:
+                    _, _, pid, uniform = maps[index]
                     assert pid is not None
-                    k, v = tier.dequantize_rows(pid, start, stop)
+                    k, v = tier.dequantize_rows(pid, start, stop, uniform)
                 yield slots[:, :, start:stop].clamp(max=self.num_tokens), real[:, :, start:stop], k, v
 
     def blocks(self, block_size: int = 256, mask: torch.Tensor | None = None) -> Iterator[Block]:
