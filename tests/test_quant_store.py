@@ -310,3 +310,37 @@ def test_saliency_and_eviction_scores_from_one_set_of_statistics() -> None:
     kept_saliency = saliency.gather(2, keep)
     bits = store.bit_widths()
     assert kept_saliency[bits == 4].min() >= kept_saliency[bits == 2].max()
+
+
+# ---------------------------------------------------------------------- per-element bounds in the store
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_kivi_store_round_trip_within_each_elements_bound(bits: int) -> None:
+    g, r, t = 8, 16, 100
+    store = kvcache.create("quant", f"kivi:bits={bits},group_size={g},residual={r}").new_store(D, torch.float32)
+    k, v = _kv(2, 3, t, seed=bits)
+    store.append(k, v)
+    n_q = max(0, (t - r) // g) * g
+    tier = store.tiers[0]
+    k_hat, v_hat = store.dequantize()
+    k_step = tier.k_scale.float().repeat_interleave(g, 2)  # per channel, per group of g tokens
+    v_step = tier.v_scale.float().repeat_interleave(g, 3)  # per token, per group of g channels
+    assert ((k_hat - k)[:, :, :n_q].abs() <= k_step / 2 + 1e-6).all()
+    assert ((v_hat - v)[:, :, :n_q].abs() <= v_step / 2 + 1e-6).all()
+    assert torch.equal(k_hat[:, :, n_q:], k[:, :, n_q:])
+
+
+def test_zipcache_store_round_trip_within_each_elements_bound() -> None:
+    t = 60
+    store = _zip(gap=t)
+    k, v = _kv(2, 3, t, seed=9)
+    v = v * torch.linspace(0.1, 10.0, D)  # uneven channels, as CSTQuant expects
+    store.append(k, v, torch.rand(2, 3, t, generator=torch.Generator().manual_seed(2)))
+    k_hat, v_hat = store.dequantize()
+    bits = store.bit_widths()
+    for tier in store.tiers:
+        members = bits == tier.bits
+        n = int(members[0, 0].sum())
+        k_err = (k_hat - k)[members].reshape(2, 3, n, D).abs()
+        v_err = (v_hat - v)[members].reshape(2, 3, n, D).abs()
+        assert (k_err <= tier.k_scale.float() / 2 + 1e-6).all()  # one scale per channel per set
+        assert (v_err <= tier.v_chan.float() * tier.v_scale.float() / 2 * (1 + 1e-5) + 1e-6).all()
