@@ -88,7 +88,10 @@ def encode(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) 
 
 def decode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     """fp32 ``codes * scale + zero`` (parameters broadcast against ``codes``)."""
-    return codes.float() * scale.float() + zero.float()
+    codes, scale, zero = codes.float(), scale.float(), zero.float()
+    if zero.shape == codes.shape:
+        return torch.addcmul(zero, codes, scale)
+    return torch.addcmul(zero.expand_as(codes), codes, scale)
 
 
 def _split(x: torch.Tensor, dim: int, group: int) -> torch.Tensor:
