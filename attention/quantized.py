@@ -8,8 +8,10 @@ precision. For each block, with running max ``m``, normaliser ``l`` and accumula
     m' = max(m, max_j s_j),  l = l * exp(m - m') + sum_j exp(s_j - m'),  acc = acc * exp(m - m') + exp(s - m') V
 
 Grouped-query attention views the ``H_q = G * H_kv`` query heads as ``[H_kv, G]``; keys and values are
-never repeated per query head. This is the CPU path; a GPU kernel reading the packed codes directly
-would take the same store.
+never repeated per query head. ``packed_probabilities`` gives the softmax probabilities in slot order
+(a second pass reusing the log-sum-exp), the statistics eviction policies score with and ZipCache's
+saliency is made of. This is the CPU path; a GPU kernel reading the packed codes directly would take
+the same store.
 """
 
 from __future__ import annotations

@@ -199,9 +199,13 @@ class KVStore:
       then quantises the oldest buffered tokens);
     * :meth:`will_flush` -- whether the next :meth:`append` quantises (so needs saliency, for ZipCache);
     * :meth:`keep` -- eviction: keep exactly the given slots per head;
-    * :meth:`blocks` -- dequantised blocks for attention (``attention.quantized.attend_packed``);
+    * :meth:`blocks` -- dequantised blocks for attention (``attention.quantized.attend_packed`` and
+      ``packed_probabilities``, the attention statistics eviction and ZipCache saliency share);
     * :meth:`dequantize` -- the whole cache in full precision (tests and debugging only);
-    * :attr:`num_tokens`, :meth:`nbytes`.
+    * :meth:`bit_widths`, :meth:`quantized_count`, :attr:`num_tokens`, :meth:`nbytes`.
+
+    Per-slot metadata an adapter keeps (logical positions, eviction scores) follows the store with the
+    same two operations: ``keep`` -> ``meta.gather(-1, indices.sort(-1).values)``; ``append`` -> concatenate.
     """
 
     def __init__(self, codec: QuantCodec, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
