@@ -344,3 +344,19 @@ def test_zipcache_store_round_trip_within_each_elements_bound() -> None:
         v_err = (v_hat - v)[members].reshape(2, 3, n, D).abs()
         assert (k_err <= tier.k_scale.float() / 2 + 1e-6).all()  # one scale per channel per set
         assert (v_err <= tier.v_chan.float() * tier.v_scale.float() / 2 * (1 + 1e-5) + 1e-6).all()
+
+
+def test_remove_drops_victims_and_the_rest_keeps_its_order() -> None:
+    store = _zip(gap=4)
+    k, v = _kv(1, 2, 12)
+    _append_scored(store, k[:, :, :10], v[:, :, :10])
+    for t in (10, 11):
+        _append_scored(store, k[:, :, t : t + 1], v[:, :, t : t + 1], seed=t)
+    assert store.bit_widths()[..., 10:].eq(32).all() and store.bit_widths()[..., :10].lt(32).all()
+    before, _ = store.dequantize()
+    victims = torch.tensor([[3, 11]])  # one slot per head: a quantised one and a buffered one
+    store.remove(victims)
+    keep = torch.tensor([[[s for s in range(12) if s != 3], [s for s in range(12) if s != 11]]])
+    assert torch.equal(store.dequantize()[0], _gather(before, keep))
+    with pytest.raises(ValueError, match="same number of distinct slots"):
+        store.remove(torch.tensor([[[0, 0], [0, 1]]]))

@@ -198,7 +198,7 @@ class KVStore:
     * :meth:`append` -- add this pass's tokens (they enter the full-precision buffer; the codec's rule
       then quantises the oldest buffered tokens);
     * :meth:`will_flush` -- whether the next :meth:`append` quantises (so needs saliency, for ZipCache);
-    * :meth:`keep` -- eviction: keep exactly the given slots per head;
+    * :meth:`keep` -- eviction: keep exactly the given slots per head (:meth:`remove`: drop some);
     * :meth:`blocks` -- dequantised blocks for attention (``attention.quantized.attend_packed`` and
       ``packed_probabilities``, the attention statistics eviction and ZipCache saliency share);
     * :meth:`dequantize` -- the whole cache in full precision (tests and debugging only);
@@ -387,6 +387,18 @@ class KVStore:
         assert self.fp_k is not None and self.fp_v is not None
         self.fp_k, self.fp_v = gather_rows(self.fp_k, order), gather_rows(self.fp_v, order)
         self.num_tokens = c
+
+    def remove(self, slots: torch.Tensor) -> None:
+        """Drop the slots ``[B, H_kv, k]`` of each head (decode-time eviction of ``k`` victims per head):
+        ``keep`` of the complement, so the other slots keep their relative order."""
+        if slots.dim() == 2:
+            slots = slots[..., None]
+        drop = torch.zeros(self.batch, self.kv_heads, self.num_tokens, dtype=torch.bool, device=self.device)
+        drop.scatter_(2, slots.to(self.device).long(), True)
+        remaining = int((~drop).sum(-1).min())
+        if bool(((~drop).sum(-1) != remaining).any()):
+            raise ValueError("remove() must drop the same number of distinct slots from every head")
+        self.keep(compaction(~drop)[0][..., :remaining])
 
     # ----------------------------------------------------------------------------------- read back
     def _row_blocks(
