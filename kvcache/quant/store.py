@@ -222,7 +222,6 @@ class KVStore:
         self.fp_count: torch.Tensor | None = None  # [B, H] int32
         self._flags: torch.Tensor | None = None  # [B, H, ceil(Q / 8)] packed: True = high-bit tier
         self._flag_rows = 0
-        self._maps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]] | None = None
 
     # ----------------------------------------------------------------------------------------- state
     def _zeros_count(self) -> torch.Tensor:
@@ -297,7 +296,6 @@ class KVStore:
         m_max = int(m.max())
         if m_max == 0:
             return
-        self._maps = None
         fp_sal = None
         if self.codec.needs_saliency:
             if saliency is None:
@@ -323,9 +321,8 @@ class KVStore:
     # ------------------------------------------------------------------------------------ slot maps
     def _tier_maps(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]]:
         """Per tier: the slot of every row ``[B, H, N]``, whether the row is real, its parameter group
-        (:meth:`Tier.pids`) and :meth:`Tier.uniform_group`. Cached until the quantised part changes."""
-        if self._maps is not None:
-            return self._maps
+        (:meth:`Tier.pids`) and :meth:`Tier.uniform_group`. Recomputed per call (a cache would hold
+        several bytes per token, more than the packed codes)."""
         q_count = self.quantized_count()
         maps = []
         if len(self.tiers) == 1:
@@ -338,15 +335,16 @@ class KVStore:
             for tier, member in zip(self.tiers, (~flags, flags)):
                 order, count = compaction(member & in_q)
                 maps.append((order[..., : tier.rows], rows_below(count, tier.rows)))
-        self._maps = [
+        return [
             (slots, real, tier.pids() if tier.rows else None, tier.uniform_group())
             for tier, (slots, real) in zip(self.tiers, maps)
         ]
-        return self._maps
 
-    def _regions(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _regions(
+        self, maps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]] | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """For each tier and then the fp buffer: the slot of every row ``[B, H, N]`` and whether the row is real."""
-        regions = [(slots, real) for slots, real, _, _ in self._tier_maps()]
+        regions = [(slots, real) for slots, real, _, _ in (self._tier_maps() if maps is None else maps)]
         assert self.fp_count is not None and self.fp_k is not None
         fp_n = self.fp_k.shape[2]
         q_count = self.num_tokens - self.fp_count
@@ -374,7 +372,6 @@ class KVStore:
         if bool((slot_keep.sum(-1) != c).any()):
             raise ValueError("keep indices repeat a slot within a head")
         regions = self._regions()
-        self._maps = None
         if len(self.tiers) > 1:
             flags = self._get_flags()
             order, _ = compaction(slot_keep[..., : flags.shape[-1]] & rows_below(self.quantized_count(), flags.shape[-1]))
@@ -410,8 +407,8 @@ class KVStore:
         if self.fp_count is None:
             return
         assert self.fp_k is not None and self.fp_v is not None
-        regions = self._regions()
         maps = self._tier_maps()
+        regions = self._regions(maps)
         for index, (slots, real) in enumerate(regions):
             tier = self.tiers[index] if index < len(self.tiers) else None
             n = slots.shape[-1] if tier is None else tier.rows
