@@ -37,7 +37,7 @@ class KVCacheScheduler(Scheduler):
         self.kv_cfg = kvconfig.parse(self.vllm_config.additional_config)
         self.kv_planner: Planner | None = None
         self._kv_preempted: set[str] = set()
-        self.kv_stats = {"compactions": 0, "blocks_freed": 0, "tokens_evicted": 0}
+        self.kv_stats = {"compactions": 0, "blocks_freed": 0, "tokens_evicted": 0, "preemptions": 0}
         if self.kv_cfg is None:
             return
         groups = self.kv_cache_config.kv_cache_groups
@@ -51,11 +51,10 @@ class KVCacheScheduler(Scheduler):
         self.kv_planner = Planner(self.kv_cfg)
         manager = self.kv_cache_manager
         original = manager.allocate_slots
-        planner = self.kv_planner
 
         @functools.wraps(original)
         def allocate_slots(request: Any, *a: Any, **kw: Any) -> Any:
-            shift = planner.shift(request.request_id)
+            shift = self.kv_planner.shift(request.request_id) if self.kv_planner is not None else 0
             if not shift:
                 return original(request, *a, **kw)
             request.num_computed_tokens -= shift  # the manager counts blocks from the physical length
@@ -72,6 +71,7 @@ class KVCacheScheduler(Scheduler):
         if self.kv_planner is not None:
             self.kv_planner.forget(request.request_id)
             self._kv_preempted.add(request.request_id)
+            self.kv_stats["preemptions"] += 1
         return super()._preempt_request(request, *args, **kwargs)
 
     def schedule(self, *args: Any, **kwargs: Any) -> Any:

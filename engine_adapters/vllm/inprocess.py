@@ -1,0 +1,62 @@
+"""In-process access to a vLLM engine's scheduler and model runner (tests and benchmarks).
+
+With ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` vLLM runs the engine core and the (single) worker in the
+calling process, so the scheduler's block pool and the worker's state can be read directly, and the
+eviction settings can be swapped between runs without restarting the engine (one startup, the same KV
+pool for every configuration compared).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine_adapters.vllm import config as kvconfig
+from engine_adapters.vllm.plan import Planner
+from engine_adapters.vllm.worker import WorkerKV
+
+
+def engine_core(llm: Any) -> Any:
+    client = llm.llm_engine.engine_core
+    core = getattr(client, "engine_core", None)
+    if core is None:
+        raise RuntimeError(
+            "the engine core runs in another process; set VLLM_ENABLE_V1_MULTIPROCESSING=0 before creating LLM(...)"
+        )
+    return core
+
+
+def scheduler(llm: Any) -> Any:
+    return engine_core(llm).scheduler
+
+
+def model_runner(llm: Any) -> Any:
+    executor = engine_core(llm).model_executor
+    return executor.driver_worker.worker.model_runner
+
+
+def free_blocks(llm: Any) -> int:
+    return scheduler(llm).kv_cache_manager.block_pool.get_num_free_blocks()
+
+
+def request_blocks(llm: Any) -> dict[str, int]:
+    """Blocks each live request holds (the scheduler's view)."""
+    manager = scheduler(llm).kv_cache_manager.coordinator.single_type_managers[0]
+    return {req_id: len(blocks) for req_id, blocks in manager.req_to_blocks.items()}
+
+
+def reconfigure(llm: Any, additional_config: dict[str, Any] | None) -> None:
+    """Swap the eviction settings of an idle engine (None or no ``kv_policy``: the plugin goes inert).
+
+    The engine must have been created with a ``kv_policy`` so that its scheduler is the plugin's.
+    """
+    sched = scheduler(llm)
+    if not hasattr(sched, "kv_planner"):
+        raise RuntimeError("the engine was created without kv_policy; its scheduler is not the kvcache scheduler")
+    if sched.get_num_unfinished_requests():
+        raise RuntimeError("reconfigure an idle engine only (requests are in flight)")
+    cfg = kvconfig.parse(additional_config or {})
+    sched.kv_cfg = cfg
+    sched.kv_planner = Planner(cfg) if cfg is not None else None
+    runner = model_runner(llm)
+    runner._kvcache_state = WorkerKV(cfg) if cfg is not None else None
+    sched.vllm_config.additional_config.update(cfg.as_dict() if cfg is not None else {"kv_policy": None})

@@ -1,0 +1,176 @@
+"""The vLLM plugin's settings and per-step eviction rule (no vLLM needed)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from engine_adapters.vllm import config as kvconfig
+from engine_adapters.vllm.config import KVPluginError
+from engine_adapters.vllm.plan import Planner, StepPlan
+
+
+def test_inert_without_policy():
+    assert kvconfig.parse(None) is None
+    assert kvconfig.parse({}) is None
+    assert kvconfig.parse({"kv_policy": None, "something_else": 1}) is None
+
+
+def test_settings_without_policy_are_an_error():
+    with pytest.raises(KVPluginError, match="without kv_policy"):
+        kvconfig.parse({"kv_budget": 0.25})
+
+
+def test_parse_policy_budget_window():
+    cfg = kvconfig.parse({"kv_policy": "snapkv:kernel=5", "kv_budget": "0.25", "kv_window": "16"})
+    assert cfg.budget == 0.25 and cfg.window == 16
+    policy = cfg.create_policy()
+    assert type(policy).__name__ == "SnapKV" and policy.kernel == 5 and policy.window == 16
+    assert cfg.capacity(1000) == 250
+    assert kvconfig.parse({"kv_policy": "keyformer", "kv_budget": "512"}).capacity(300) == 300
+    spec = {"name": "h2o", "window": 0.25}
+    assert kvconfig.parse({"kv_policy": '{"name": "h2o", "window": 0.25}'}).policy_spec == spec
+
+
+def test_unknown_policy_names_valid_ones():
+    with pytest.raises(KVPluginError, match="valid evict policies: .*snapkv"):
+        kvconfig.parse({"kv_policy": "nope"})
+
+
+def test_bad_budget():
+    with pytest.raises(Exception, match="budget"):
+        kvconfig.parse({"kv_policy": "snapkv", "kv_budget": "1.5"})
+
+
+@pytest.mark.parametrize("layer_budget", ["pyramid", "cake", "pyramid:beta=10"])
+def test_layer_budgets_refused_naming_hf_adapter(layer_budget):
+    with pytest.raises(KVPluginError) as err:
+        kvconfig.parse({"kv_policy": "snapkv", "kv_layer_budget": layer_budget})
+    assert "not supported in vLLM" in str(err.value) and "engine_adapters.hf" in str(err.value)
+
+
+def test_uniform_layer_budget_and_unknown_layer_budget():
+    assert kvconfig.parse({"kv_policy": "snapkv", "kv_layer_budget": "uniform"}).layer_budget == "uniform"
+    with pytest.raises(KVPluginError, match="valid budget policies"):
+        kvconfig.parse({"kv_policy": "snapkv", "kv_layer_budget": "zigzag"})
+
+
+def test_quant_refused():
+    with pytest.raises(KVPluginError, match="kv-quant"):
+        kvconfig.parse({"kv_policy": "snapkv", "kv_quant": "kivi"})
+
+
+def test_token_budget_smaller_than_protected_window():
+    with pytest.raises(KVPluginError, match="raise the budget"):
+        kvconfig.parse({"kv_policy": "snapkv", "kv_budget": "8"})  # snapkv keeps its 32-token window
+
+
+@pytest.mark.parametrize("version,ok", [("0.32.0", True), ("0.32.3", True), ("0.31.1", False), ("0.33.0", False), ("1.0.0", False)])
+def test_version_pin(version, ok):
+    if ok:
+        kvconfig.check_vllm_version(version)
+    else:
+        with pytest.raises(KVPluginError, match=r"supports vLLM >=0.32,<0.33"):
+            kvconfig.check_vllm_version(version)
+
+
+def test_fold_cli_args_flags_win():
+    merged = kvconfig.fold_cli_args('{"kv_policy": "h2o", "other": 1}', {"kv_policy": "snapkv", "kv_budget": None})
+    assert merged == {"kv_policy": "snapkv", "other": 1}
+
+
+def test_add_kv_arguments_to_a_parser():
+    from engine_adapters.vllm.plugin import add_kv_arguments, fold_namespace
+
+    parser = add_kv_arguments(argparse.ArgumentParser())
+    add_kv_arguments(parser)  # idempotent
+    args = parser.parse_args(["--kv-policy", "keyformer", "--kv-budget", "0.5", "--kv-recompact-every", "8"])
+    folded = fold_namespace({}, args)
+    assert folded == {"kv_policy": "keyformer", "kv_budget": "0.5", "kv_recompact_every": 8}
+    cfg = kvconfig.parse(folded)
+    assert cfg.recompact_every == 8 and cfg.budget == 0.5
+
+
+# ------------------------------------------------------------------------------------------------
+# The per-step plan: the scheduler's rule, which the worker follows
+
+
+def run_prefill(planner, req, prompt_len, chunk, max_new=8):
+    """Schedule the prompt in chunks; returns the plans."""
+    plans, done = [], 0
+    while done < prompt_len:
+        n = min(chunk, prompt_len - done)
+        done += n
+        plan = StepPlan()
+        planner.plan_request(plan, req, n, done, prompt_len, prompt_len, max_new)
+        plans.append(plan)
+    return plans
+
+
+def test_snapkv_compacts_once_at_end_of_prefill():
+    planner = Planner(kvconfig.parse({"kv_policy": "snapkv", "kv_budget": 0.25, "kv_chunk_evict": False}))
+    plans = run_prefill(planner, "r", 400, chunk=128)
+    assert [bool(p.compact) for p in plans] == [False, False, False, True]
+    c = plans[-1].compact["r"]
+    assert (c.target, c.physical, c.logical, c.phase, c.recent) == (100, 400, 400, "prefill", 32)
+    # every prefill chunk captures at most the observation window of queries
+    assert [p.capture["r"] for p in plans] == [32, 32, 32, 16]
+    # decode: the shift makes physical = logical - 300; snapkv appends without recompaction or capture
+    for t in range(1, 40):
+        plan = StepPlan()
+        planner.plan_request(plan, "r", 1, 400 + t, 400 + t, 400, 8)
+        assert plan.shift == {"r": 300} and not plan.compact and not plan.capture
+
+
+def test_prompt_within_budget_never_compacts():
+    planner = Planner(kvconfig.parse({"kv_policy": "snapkv", "kv_budget": 1.0}))
+    plans = run_prefill(planner, "r", 300, chunk=512)
+    assert not plans[-1].compact and not plans[-1].shift
+    planner = Planner(kvconfig.parse({"kv_policy": "h2o", "kv_budget": "512"}))
+    plans = run_prefill(planner, "r", 300, chunk=512)
+    assert not plans[-1].compact
+
+
+def test_decode_time_policy_recompacts_every_k():
+    planner = Planner(kvconfig.parse({"kv_policy": "h2o", "kv_budget": 0.5, "kv_recompact_every": 4}))
+    plans = run_prefill(planner, "r", 200, chunk=256)
+    assert plans[-1].compact["r"].target == 100
+    compactions = []
+    for t in range(1, 13):
+        plan = StepPlan()
+        planner.plan_request(plan, "r", 1, 200 + t, 200 + t, 200, 64)
+        assert plan.capture == {"r": 1} and "r" in plan.decode_capture
+        if plan.compact:
+            c = plan.compact["r"]
+            compactions.append((t, c.physical, c.target, c.phase, c.step))
+    # physical length runs 100 -> 104, back to 100, every 4 generated tokens
+    assert compactions == [(4, 104, 100, "decode", 4), (8, 104, 100, "decode", 8), (12, 104, 100, "decode", 12)]
+
+
+def test_chunked_prefill_compresses_after_each_chunk():
+    planner = Planner(kvconfig.parse({"kv_policy": "snapkv", "kv_budget": 0.25}))
+    plans = run_prefill(planner, "r", 1000, chunk=256)
+    phases = [(p.compact["r"].phase, p.compact["r"].physical, p.compact["r"].target) for p in plans if p.compact]
+    # budget 250: after every chunk the cache is squeezed back to 250 (peak = budget + chunk)
+    assert phases == [("chunk", 256, 250), ("chunk", 506, 250), ("chunk", 506, 250), ("prefill", 482, 250)]
+    assert max(c[1] for c in phases) <= 250 + 256
+
+
+def test_preempted_request_starts_over():
+    planner = Planner(kvconfig.parse({"kv_policy": "snapkv", "kv_budget": 0.25, "kv_chunk_evict": False}))
+    run_prefill(planner, "r", 400, chunk=512)
+    assert planner.shift("r") == 300
+    planner.forget("r")
+    assert planner.shift("r") == 0
+    # recompute of prompt + 10 generated tokens: snapkv keeps the budget plus the generated tokens
+    plan = StepPlan()
+    planner.plan_request(plan, "r", 410, 410, 410, 400, 32)
+    c = plan.compact["r"]
+    assert (c.target, c.recent, c.step) == (110, 42, 10)
+
+
+def test_full_policy_never_plans():
+    planner = Planner(kvconfig.parse({"kv_policy": "full"}))
+    plans = run_prefill(planner, "r", 400, chunk=128)
+    assert not any(p.compact or p.capture for p in plans)
