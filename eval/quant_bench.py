@@ -42,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 gives stable timings on a shared machine)")
+    parser.add_argument("--model", help="also measure errors on a real model's KV (e.g. smollm2-135m; loaded offline)")
+    parser.add_argument("--model-tokens", type=int, default=2048, help="prompt tokens for --model")
     parser.add_argument("--output", help="write JSON here instead of stdout")
 
 
@@ -153,6 +155,68 @@ def speed(args: argparse.Namespace) -> list[dict[str, object]]:
     return rows
 
 
+def capture_model_kv(name: str, tokens: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Post-RoPE ``(queries, keys, values)`` of every layer of ``name`` on ``tokens`` tokens of the
+    shipped Python-docs haystack text (offline: the embedded model and text only)."""
+    from pathlib import Path
+
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from engine_adapters.hf.models import load_model
+
+    captured: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def capture(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *rest: object, **kw: object) -> object:
+        captured[module.layer_idx] = (query.detach(), key.detach(), value.detach())  # type: ignore[index]
+        return sdpa_attention_forward(module, query, key, value, *rest, **kw)  # type: ignore[arg-type]
+
+    AttentionInterface.register("quant_bench_capture", capture)
+    model, tokenizer = load_model(name)
+    model.set_attn_implementation("quant_bench_capture")
+    text = (Path(__file__).parent / "tasks" / "data" / "haystack_python_docs.txt").read_text()
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :tokens]
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    return [captured[i] for i in sorted(captured)]
+
+
+def model_errors(args: argparse.Namespace) -> dict[str, object]:
+    layers = capture_model_kv(args.model, args.model_tokens)
+    q0, k0, _ = layers[0]
+    kv_heads, tokens, head_dim = k0.shape[1], k0.shape[2], k0.shape[3]
+    scaling = 1 / math.sqrt(head_dim)
+    out: dict[str, object] = {"model": args.model, "layers": len(layers), "tokens": tokens, "kv_heads": kv_heads, "head_dim": head_dim}
+    rows = []
+    for spec in args.codecs:
+        k_err, v_err, a_err, held = [], [], [], 0
+        for queries, keys, values in layers:
+            store = filled_store(spec, keys, values, queries, tokens, torch.Generator().manual_seed(args.seed))
+            k_hat, v_hat = store.dequantize()
+            last = queries[:, :, -1:]
+            exact = torch.nn.functional.scaled_dot_product_attention(last, keys, values, scale=scaling, enable_gqa=True)
+            got = attend_packed(last, store, scaling=scaling, block_size=args.block_size)
+            k_err.append(_rel(k_hat.float() - keys, keys))
+            v_err.append(_rel(v_hat.float() - values, values))
+            a_err.append(_rel(got - exact, exact))
+            held += store.nbytes()
+        sixteen_bit = len(layers) * 2 * kv_heads * tokens * head_dim * 2
+        rows.append(
+            {
+                "codec": spec,
+                "bytes_all_layers": held,
+                "bytes_per_token_all_layers": held / tokens,
+                "ratio_vs_16bit": sixteen_bit / held,
+                "key_rel_rms_error_mean": statistics.fmean(k_err),
+                "value_rel_rms_error_mean": statistics.fmean(v_err),
+                "last_query_attention_rel_error_mean": statistics.fmean(a_err),
+                "last_query_attention_rel_error_max": max(a_err),
+            }
+        )
+    out["codecs"] = rows
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -166,6 +230,8 @@ def run(args: argparse.Namespace) -> int:
         "memory_and_error": memory_and_error(args),
         "speed_decode_one_query": speed(args),
     }
+    if args.model:
+        result["real_model"] = model_errors(args)
     text = json.dumps(result, indent=2)
     if args.output:
         with open(args.output, "w") as f:
