@@ -147,3 +147,25 @@ def test_attention_saliency_with_causal_probe_queries() -> None:
     # decoding: one query that sees everything -> saliency is its attention summed over the group
     dec = attention_saliency(queries[:, :, -1:], keys, D**-0.5)
     torch.testing.assert_close(dec, torch.softmax(logits[:, :, -1:].float(), -1).reshape(b, h_kv, g, t).sum(2))
+
+
+def test_decode_step_recipe_saliency_from_the_step_attention() -> None:
+    """append(flush=False) -> attend -> probabilities -> saliency -> flush: the tokens quantised at the
+    gap get their bit width from the current query's attention, computed once for output and saliency."""
+    store = kvcache.create("quant", "zipcache:streaming_gap=6,ratio=0.5").new_store(D, torch.float32)
+    gen = torch.Generator().manual_seed(3)
+    k, v = torch.randn(1, 2, 12, D, generator=gen), torch.randn(1, 2, 12, D, generator=gen)
+    store.append(k[:, :, :6], v[:, :, :6], torch.rand(1, 2, 6, generator=gen))
+    for t in range(6, 12):
+        store.append(k[:, :, t : t + 1], v[:, :, t : t + 1], flush=False)
+        query = torch.randn(1, 4, 1, D, generator=gen)
+        _, lse = attend_packed(query, store, return_lse=True)  # the layer output comes from the same pass
+        if store.will_flush(0):
+            probs = packed_probabilities(query, store, lse=lse)
+            saliency = normalized_attention(probs, kv_heads=2)
+            store.flush(saliency)
+    assert store.quantized_count().flatten().tolist() == [12, 12]
+    # the 6 decode tokens: the 3 most attended by the last query (summed over its group) got 4 bits
+    last = saliency[..., 6:]
+    bits = store.bit_widths()[..., 6:]
+    assert torch.equal(bits == 4, last >= last.sort(-1).values[..., 3:4])

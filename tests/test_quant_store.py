@@ -360,3 +360,25 @@ def test_remove_drops_victims_and_the_rest_keeps_its_order() -> None:
     assert torch.equal(store.dequantize()[0], _gather(before, keep))
     with pytest.raises(ValueError, match="same number of distinct slots"):
         store.remove(torch.tensor([[[0, 0], [0, 1]]]))
+
+
+def test_deferred_flush_equals_immediate_flush() -> None:
+    """HF order: append the step's token, attend, then flush with that query's attention as saliency."""
+    k, v = _kv(1, 2, GAP + 3)
+    sal = torch.rand(1, 2, GAP + 3, generator=torch.Generator().manual_seed(4))
+    now, later = _zip(), _zip()
+    for t in range(GAP + 3):
+        now.append(k[:, :, t : t + 1], v[:, :, t : t + 1], sal[..., : t + 1])
+        later.append(k[:, :, t : t + 1], v[:, :, t : t + 1], flush=False)
+        assert later.will_flush(0) == (t + 1 - later.quantized_count().max().item() >= GAP)
+        later.flush(sal[..., : t + 1])
+        assert torch.equal(now.dequantize()[0], later.dequantize()[0])
+        assert torch.equal(now.bit_widths(), later.bit_widths())
+    assert now.quantized_count().max().item() == GAP
+    buffered = _zip()
+    buffered.append(k, v, flush=False)  # past the gap, but deferred
+    assert buffered.quantized_count().max().item() == 0 and buffered.will_flush(0)
+    with pytest.raises(ValueError, match=r"saliency must be \[B, H_kv, num_tokens\]"):
+        buffered.flush(sal[..., :3])
+    buffered.flush(sal)
+    assert buffered.quantized_count().max().item() == GAP + 3

@@ -198,6 +198,7 @@ class KVStore:
     * :meth:`append` -- add this pass's tokens (they enter the full-precision buffer; the codec's rule
       then quantises the oldest buffered tokens);
     * :meth:`will_flush` -- whether the next :meth:`append` quantises (so needs saliency, for ZipCache);
+      :meth:`flush` -- quantise what is due, after ``append(..., flush=False)``;
     * :meth:`keep` -- eviction: keep exactly the given slots per head (:meth:`remove`: drop some);
     * :meth:`blocks` -- dequantised blocks for attention (``attention.quantized.attend_packed`` and
       ``packed_probabilities``, the attention statistics eviction and ZipCache saliency share);
@@ -259,12 +260,16 @@ class KVStore:
             return bool(self.codec.flush_count(torch.tensor([[num_new]])).max() > 0)
         return bool(self.codec.flush_count(self.fp_count + num_new).max() > 0)
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor, saliency: torch.Tensor | None = None) -> None:
+    def append(
+        self, keys: torch.Tensor, values: torch.Tensor, saliency: torch.Tensor | None = None, flush: bool = True
+    ) -> None:
         """Add ``keys``/``values`` ``[B, H_kv, t, D]`` as the newest ``t`` slots of every head.
 
         ``saliency`` ``[B, H_kv, num_tokens + t]`` scores every slot the store holds after this append
         (the same slot order as eviction scores; see :mod:`kvcache.quant.saliency`). Codecs that rank
         tokens (ZipCache) need it whenever :meth:`will_flush` is True and ignore it otherwise.
+        ``flush=False`` only buffers the tokens; call :meth:`flush` later (e.g. after attending with the
+        current query, whose attention is ZipCache's saliency for the buffered tokens).
         """
         if keys.dim() != 4 or keys.shape != values.shape:
             raise ValueError(f"keys and values must both be [B, H_kv, t, D], got {tuple(keys.shape)} and {tuple(values.shape)}")
@@ -287,11 +292,21 @@ class KVStore:
         self.fp_v = append_rows(self.fp_v, self.fp_count, values, new_count)
         self.fp_count = self.fp_count + t
         self.num_tokens += t
-        if self.tiers:
-            self._flush(saliency)
+        if flush:
+            self.flush(saliency)
 
-    def _flush(self, saliency: torch.Tensor | None) -> None:
-        assert self.fp_k is not None and self.fp_v is not None and self.fp_count is not None
+    def flush(self, saliency: torch.Tensor | None = None) -> None:
+        """Quantise what the codec's rule says is due now (nothing if :meth:`will_flush` ``(0)`` is False).
+
+        ``saliency`` ``[B, H_kv, num_tokens]`` as for :meth:`append`.
+        """
+        if not self.tiers or self.fp_count is None:
+            return
+        if saliency is not None and tuple(saliency.shape) != (self.batch, self.kv_heads, self.num_tokens):
+            raise ValueError(
+                f"saliency must be [B, H_kv, num_tokens] = {[self.batch, self.kv_heads, self.num_tokens]}, got {list(saliency.shape)}"
+            )
+        assert self.fp_k is not None and self.fp_v is not None
         m = self.codec.flush_count(self.fp_count).to(torch.int32)
         m_max = int(m.max())
         if m_max == 0:
