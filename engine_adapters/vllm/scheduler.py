@@ -54,6 +54,12 @@ class KVCacheScheduler(Scheduler):
 
         @functools.wraps(original)
         def allocate_slots(request: Any, *a: Any, **kw: Any) -> Any:
+            if kw.get("full_sequence_must_fit") and self._kv_admission_fits(request) is not None:
+                # Admission: with eviction after each prefill chunk the request never holds its whole
+                # prompt, only about budget + chunk; check that instead of the full prompt.
+                if not self._kv_admission_fits(request):
+                    return None
+                kw["full_sequence_must_fit"] = False
             shift = self.kv_planner.shift(request.request_id) if self.kv_planner is not None else 0
             if not shift:
                 return original(request, *a, **kw)
@@ -65,6 +71,19 @@ class KVCacheScheduler(Scheduler):
 
         manager.allocate_slots = allocate_slots
         logger.info("kvcache: eviction enabled in vLLM: %s", self.kv_cfg.as_dict())
+
+    def _kv_admission_fits(self, request: Any) -> bool | None:
+        """Whether the request's peak physical length fits the free blocks (None: use vLLM's own check)."""
+        planner = self.kv_planner
+        if planner is None or not planner.policy.compresses or not planner.cfg.chunk_evict:
+            return None
+        capacity = planner.cfg.capacity(request.num_prompt_tokens)
+        generated = max(0, request.num_tokens - request.num_prompt_tokens)
+        peak = min(request.num_tokens, capacity + generated + self.max_num_scheduled_tokens)
+        manager = self.kv_cache_manager.coordinator.single_type_managers[0]
+        held = len(manager.req_to_blocks.get(request.request_id, ()))
+        need = -(-peak // self.kv_block_size) - held
+        return need <= self.kv_cache_manager.block_pool.get_num_free_blocks()
 
     # ------------------------------------------------------------------------------------------
     def _preempt_request(self, request: Any, *args: Any, **kwargs: Any) -> Any:

@@ -1,0 +1,228 @@
+"""The plugin inside a real vLLM engine on the embedded model (SmolLM2-135M), CPU.
+
+One in-process engine for the module (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so the scheduler's block
+pool and the worker's state can be read; its eviction settings are swapped between tests with
+``inprocess.reconfigure``. Stock vLLM runs once, in a subprocess without any kvcache setting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("vllm")
+pytestmark = pytest.mark.e2e
+
+BLOCKS = 20  # KV pool: 20 blocks x 128 tokens
+BATCHED = 512  # max tokens per step: longer prompts are chunked
+MAX_LEN = 4096
+
+
+def model_path() -> str:
+    try:
+        from engine_adapters.hf.models import resolve_model
+
+        return str(resolve_model("smollm2-135m"))
+    except (ImportError, FileNotFoundError) as err:
+        pytest.skip(f"embedded model unavailable: {err}")
+
+
+def document(n_items: int) -> str:
+    facts = " ".join(f"The code of box {i} is {(i * 7919) % 9973}." for i in range(n_items))
+    return facts + f" Question: what is the code of box 3? Answer: The code of box 3 is"
+
+
+ENGINE_KW = dict(
+    enforce_eager=True, max_model_len=MAX_LEN, dtype="float32", seed=0, num_gpu_blocks_override=BLOCKS,
+    max_num_seqs=8, max_num_batched_tokens=BATCHED, gpu_memory_utilization=0.5,
+)
+
+STOCK_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    def main():
+        from vllm import LLM, SamplingParams
+        model, kw, prompts, max_tokens = json.loads(sys.argv[1])
+        llm = LLM(model, **kw)
+        sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+        sched = llm.llm_engine.engine_core.engine_core.scheduler
+        print("RESULT" + json.dumps({"tokens": [list(o.outputs[0].token_ids) for o in outs],
+                                     "scheduler": type(sched).__name__}))
+    if __name__ == "__main__":
+        main()
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path())
+    return [tok(document(n))["input_ids"] for n in (45, 12)] + [tok("The capital of France is")["input_ids"]]
+
+
+@pytest.fixture(scope="module")
+def stock(prompts):
+    """Stock vLLM (no kvcache setting: the plugin stays inert and vLLM's own scheduler runs)."""
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    arg = json.dumps([model_path(), ENGINE_KW, prompts, 12])
+    proc = subprocess.run([sys.executable, "-c", STOCK_SCRIPT, arg], capture_output=True, text=True, env=env, timeout=900)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+    assert lines, proc.stderr[-3000:]
+    result = json.loads(lines[-1][6:])
+    assert result["scheduler"] == "Scheduler"
+    return result["tokens"]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from vllm import LLM
+
+    engine = LLM(model_path(), additional_config={"kv_policy": "snapkv", "kv_budget": 1.0}, **ENGINE_KW)
+    yield engine
+    del engine
+
+
+def generate(llm, prompts, max_tokens=12, **sampling):
+    from vllm import SamplingParams
+
+    sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, **sampling)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def configure(llm, **settings):
+    from engine_adapters.vllm import inprocess
+
+    inprocess.reconfigure(llm, settings or None)
+    return inprocess
+
+
+def test_plugin_scheduler_installed(llm):
+    from engine_adapters.vllm import inprocess
+
+    sched = inprocess.scheduler(llm)
+    assert type(sched).__name__ == "KVCacheScheduler"
+    assert sched.vllm_config.cache_config.enable_prefix_caching is False
+    assert inprocess.free_blocks(llm) == BLOCKS - 1  # block 0 is vLLM's null block
+
+
+@pytest.mark.parametrize("settings", [
+    {"kv_policy": "snapkv", "kv_budget": 1.0},
+    {"kv_policy": "h2o", "kv_budget": 1.0},
+    {"kv_policy": "keyformer", "kv_budget": 4000},  # a token budget larger than every prompt
+])
+def test_budget_one_equals_stock_vllm(llm, prompts, stock, settings):
+    inprocess = configure(llm, **settings)
+    assert generate(llm, prompts) == stock
+    assert inprocess.scheduler(llm).kv_stats["compactions"] == 0
+
+
+def step_until_done(llm, observe):
+    engine = llm.llm_engine
+    finished = {}
+    for _ in range(2000):
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = list(out.outputs[0].token_ids)
+        observe()
+        if not engine.has_unfinished_requests():
+            return finished
+    raise AssertionError("requests did not finish")
+
+
+def test_prefill_eviction_frees_blocks_and_returns_them(llm, prompts):
+    from vllm import SamplingParams
+
+    inprocess = configure(llm, kv_policy="snapkv", kv_budget=0.25, kv_chunk_evict=False)
+    sched = inprocess.scheduler(llm)
+    initial = inprocess.free_blocks(llm)
+    prompt = prompts[0]
+    prompt_blocks = -(-len(prompt) // 128)
+    kept_blocks = -(-(-(-len(prompt) // 4)) // 128)
+    assert prompt_blocks - kept_blocks >= 3
+    llm.llm_engine.add_request("evict-0", {"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    trace = []
+
+    def observe():
+        request = sched.requests.get("evict-0")
+        if request is not None:
+            trace.append((request.num_computed_tokens, inprocess.request_blocks(llm)["evict-0"], inprocess.free_blocks(llm)))
+
+    step_until_done(llm, observe)
+    prefill = [t for t in trace if t[0] < len(prompt)]
+    after = [t for t in trace if t[0] == len(prompt)]
+    # the prompt's chunks fill blocks as in stock vLLM; the barrier after the last chunk frees the tail
+    assert after and after[0][1] == kept_blocks and after[0][2] == initial - kept_blocks
+    assert max([t[1] for t in prefill] + [prompt_blocks]) == prompt_blocks
+    assert sched.kv_stats["blocks_freed"] == prompt_blocks - kept_blocks
+    assert max(t[1] for t in trace) <= prompt_blocks
+    assert inprocess.free_blocks(llm) == initial  # no leak
+
+
+def test_chunked_prefill_peak_is_budget_plus_chunk(llm):
+    """A prompt longer than the whole KV pool is served: eviction after every prefill chunk."""
+    from transformers import AutoTokenizer
+    from vllm import SamplingParams
+
+    inprocess = configure(llm, kv_policy="snapkv", kv_budget=0.1)
+    tok = AutoTokenizer.from_pretrained(model_path())
+    prompt = tok(document(300))["input_ids"]
+    assert len(prompt) > BLOCKS * 128  # more tokens than the pool holds
+    initial = inprocess.free_blocks(llm)
+    llm.llm_engine.add_request("long-0", {"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    peak = []
+    finished = step_until_done(llm, lambda: peak.append(inprocess.request_blocks(llm).get("long-0", 0)))
+    assert len(finished["long-0"]) == 4
+    capacity = -(-len(prompt) // 10)
+    assert max(peak) <= -(-(capacity + BATCHED) // 128)
+    assert inprocess.free_blocks(llm) == initial
+
+
+@pytest.mark.parametrize("policy", ["h2o", "keyformer", "streaming"])
+def test_decode_policies_stay_bounded(llm, prompts, policy):
+    from vllm import SamplingParams
+
+    k = 8
+    inprocess = configure(llm, kv_policy=policy, kv_budget=0.25, kv_recompact_every=k)
+    sched = inprocess.scheduler(llm)
+    prompt = prompts[1]
+    capacity = -(-len(prompt) // 4)
+    llm.llm_engine.add_request("dec-0", {"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    physical = []
+
+    def observe():
+        request = sched.requests.get("dec-0")
+        if request is not None and sched.kv_planner.states.get("dec-0"):
+            physical.append(request.num_computed_tokens - sched.kv_planner.shift("dec-0"))
+
+    finished = step_until_done(llm, observe)
+    assert len(finished["dec-0"]) == 40
+    assert max(physical) <= capacity + k
+    runner_stats = inprocess.model_runner(llm)._kvcache_state.stats
+    assert runner_stats["compactions"] >= 1 + 40 // k - 1
+
+
+def test_preemption_recomputes_and_frees_everything(llm, prompts):
+    """A tiny pool and many growing requests force preemption; every request completes and no block leaks."""
+    from vllm import SamplingParams
+
+    inprocess = configure(llm, kv_policy="snapkv", kv_budget=0.5, kv_chunk_evict=False)
+    sched = inprocess.scheduler(llm)
+    initial = inprocess.free_blocks(llm)
+    for i in range(6):
+        llm.llm_engine.add_request(f"pre-{i}", {"prompt_token_ids": prompts[0]}, SamplingParams(temperature=0, max_tokens=120, ignore_eos=True))
+    finished = step_until_done(llm, lambda: None)
+    assert sorted(finished) == [f"pre-{i}" for i in range(6)]
+    assert all(len(t) == 120 for t in finished.values())
+    assert sched.kv_stats["preemptions"] > 0
+    assert inprocess.free_blocks(llm) == initial
