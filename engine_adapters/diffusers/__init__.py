@@ -1,6 +1,7 @@
 """DiT feature caching for diffusers: ``enable_cache(pipe, "foresight", warmup=5)`` / ``disable_cache(pipe)``."""
 
 from engine_adapters.diffusers.contracts import SUPPORTED_MODELS, UnsupportedModelError, contract_for
+from engine_adapters.diffusers import tiny
 from engine_adapters.diffusers.hooks import cache_stats, disable_cache, enable_cache, reset_cache
 
 __all__ = [
@@ -11,4 +12,5 @@ __all__ = [
     "disable_cache",
     "enable_cache",
     "reset_cache",
+    "tiny",
 ]

@@ -22,7 +22,14 @@ from typing import Any, Iterator
 import torch
 
 import kvcache
-from engine_adapters.diffusers.contracts import ArgAccess, BlockContract, contract_for, ordered_blocks
+from engine_adapters.diffusers.contracts import (
+    _CONTRACTS,
+    ArgAccess,
+    BlockContract,
+    UnsupportedModelError,
+    contract_for,
+    ordered_blocks,
+)
 from kvcache.feature.base import FeatureCache, FeaturePolicy, Tensors
 
 _ATTR = "_kvcache_feature_cache"
@@ -256,6 +263,13 @@ def enable_cache(obj: Any, policy: str | dict | FeaturePolicy, **params: Any) ->
         created = kvcache.create("feature", policy, **params)
     transformers, scheduler = _split(obj)
     contracts = [contract_for(t) for t in transformers]  # raise before touching anything
+    for transformer, contract in zip(transformers, contracts):
+        if created.token_level and not contract.token_level:
+            token_ok = [name for name, c in _CONTRACTS.items() if c.token_level]
+            raise UnsupportedModelError(
+                f"{type(created).registry_name} caches tokens inside blocks, which {type(transformer).__name__} "
+                f"does not support; use it with {', '.join(token_ok)}, or pick a block-level policy"
+            )
     disable_cache(obj)
     for transformer, contract in zip(transformers, contracts):
         controller = _Controller(transformer, created, contract, scheduler)

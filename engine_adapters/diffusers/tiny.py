@@ -1,7 +1,7 @@
 """Tiny random-weight diffusers pipelines of every supported architecture, built offline (no download).
 
 Used by the adapter tests: each builder returns ``(pipeline, call_kwargs)``; the pipeline runs a few
-steps on the CPU in well under a second. Text encoders are replaced by fixed random prompt embeddings.
+steps on the CPU in well under a second and returns latents (no VAE decode) except DiT. Text encoders are replaced by fixed random prompt embeddings.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def pixart() -> tuple[Any, dict]:
     kwargs = {"prompt_embeds": _embeds(1, 5, 32), "prompt_attention_mask": torch.ones(1, 5, dtype=torch.long),
               "negative_prompt": None, "negative_prompt_embeds": _embeds(1, 5, 32, seed=8),
               "negative_prompt_attention_mask": torch.ones(1, 5, dtype=torch.long),
-              "height": 16, "width": 16, "guidance_scale": 2.0, "output_type": "np", "use_resolution_binning": False}
+              "height": 16, "width": 16, "guidance_scale": 2.0, "output_type": "latent", "use_resolution_binning": False}
     return pipe, kwargs
 
 
@@ -65,7 +65,7 @@ def latte() -> tuple[Any, dict]:
     pipe = LattePipeline(tokenizer=None, text_encoder=None, vae=_vae_2d(), transformer=transformer,
                          scheduler=DDIMScheduler())
     kwargs = {"prompt_embeds": _embeds(1, 5, 32), "negative_prompt": None, "negative_prompt_embeds": _embeds(1, 5, 32, seed=8),
-              "height": 16, "width": 16, "video_length": 2, "guidance_scale": 2.0, "output_type": "pt",
+              "height": 16, "width": 16, "video_length": 2, "guidance_scale": 2.0, "output_type": "latent",
               "mask_feature": False, "clean_caption": False}
     return pipe, kwargs
 
@@ -87,7 +87,7 @@ def cogvideox() -> tuple[Any, dict]:
     pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
                              scheduler=CogVideoXDDIMScheduler())
     kwargs = {"prompt_embeds": _embeds(1, 6, 16), "negative_prompt_embeds": _embeds(1, 6, 16, seed=8),
-              "height": 16, "width": 16, "num_frames": 5, "guidance_scale": 2.0, "output_type": "pt",
+              "height": 16, "width": 16, "num_frames": 5, "guidance_scale": 2.0, "output_type": "latent",
               "max_sequence_length": 6}
     return pipe, kwargs
 
@@ -106,7 +106,7 @@ def flux() -> tuple[Any, dict]:
                         text_encoder_2=None, tokenizer_2=None, transformer=transformer)
     kwargs = {"prompt_embeds": _embeds(1, 5, 16), "pooled_prompt_embeds": _embeds(1, 16, seed=9),
               "negative_prompt_embeds": _embeds(1, 5, 16, seed=8), "negative_pooled_prompt_embeds": _embeds(1, 16, seed=10),
-              "true_cfg_scale": 2.0, "height": 16, "width": 16, "output_type": "np", "max_sequence_length": 5}
+              "true_cfg_scale": 2.0, "height": 16, "width": 16, "output_type": "latent", "max_sequence_length": 5}
     return pipe, kwargs
 
 
@@ -124,7 +124,7 @@ def wan() -> tuple[Any, dict]:
     pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))
     kwargs = {"prompt_embeds": _embeds(1, 5, 16), "negative_prompt_embeds": _embeds(1, 5, 16, seed=8),
-              "height": 16, "width": 16, "num_frames": 5, "guidance_scale": 2.0, "output_type": "pt",
+              "height": 16, "width": 16, "num_frames": 5, "guidance_scale": 2.0, "output_type": "latent",
               "max_sequence_length": 5}
     return pipe, kwargs
 

@@ -219,6 +219,8 @@ class TaylorForecast(Substitute):
 class FeaturePolicy:
     """Mixin of registered ``feature`` policies: each builds a fresh decider and substitute per branch."""
 
+    token_level = False  # True when the decider may ask for token-level partial computation
+
     def make_decider(self) -> Decider:
         raise NotImplementedError
 

@@ -83,6 +83,8 @@ class TokenCacheDecider(Decider):
 class TokenCache(FeaturePolicy):
     """TokenCache: recompute only the important tokens of the least important blocks between full steps."""
 
+    token_level = True
+
     k1: int = param(2, "phase 1: a full step every k1 steps (1 = never cache in phase 1)")
     k2: int = param(3, "phase 2: a full step every k2 steps (1 = never cache in phase 2)")
     split: float = param(0.5, "fraction of the steps in phase 1")

@@ -1,0 +1,173 @@
+"""The diffusers hooks on tiny random-config pipelines of every supported architecture (CPU, no download)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+import kvcache  # noqa: E402
+from engine_adapters.diffusers import (  # noqa: E402
+    SUPPORTED_MODELS,
+    UnsupportedModelError,
+    cache_stats,
+    disable_cache,
+    enable_cache,
+    reset_cache,
+    tiny,
+)
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: these tiny models run many times faster that way on a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+OFF = {
+    "foresight": {"warmup": 2, "interval": 2, "threshold": 0.0},
+    "static": {"interval": 1},
+    "taylorseer": {"interval": 1},
+    "first-block": {"threshold": 0.0},
+    "teacache": {"threshold": 0.0},
+    "tokencache": {"k1": 1, "k2": 1},
+}
+ON = {
+    "foresight": {"warmup": 2, "interval": 3, "threshold": 100.0},
+    "static": {"interval": 2},
+    "taylorseer": {"interval": 2, "warmup": 1},
+    "first-block": {"threshold": 10.0},
+    "teacache": {"threshold": 10.0},
+    "tokencache": {"k1": 2, "k2": 2, "ratio": 0.5, "blocks": 1.0},
+}
+STEPS = 5
+_PIPES: dict[str, tuple] = {}
+
+
+def _pipe(arch: str) -> tuple:
+    if arch not in _PIPES:
+        _PIPES[arch] = tiny.BUILDERS[arch]()
+    pipe, kwargs = _PIPES[arch]
+    disable_cache(pipe)
+    return pipe, kwargs
+
+
+def _run(pipe, kwargs: dict, steps: int = STEPS, **extra) -> np.ndarray:
+    out = pipe(num_inference_steps=steps, generator=torch.Generator().manual_seed(0), **{**kwargs, **extra})
+    result = out.images if hasattr(out, "images") else out.frames
+    return np.asarray(result.float() if isinstance(result, torch.Tensor) else result)
+
+
+def _token_ok(arch: str) -> bool:
+    return arch not in ("FluxTransformer2DModel", "WanTransformer3DModel")
+
+
+@pytest.mark.parametrize("arch", SUPPORTED_MODELS)
+def test_every_policy_off_is_exact_and_on_skips(arch: str) -> None:
+    pipe, kwargs = _pipe(arch)
+    ref = _run(pipe, kwargs)
+    for name in OFF:
+        if name == "tokencache" and not _token_ok(arch):
+            with pytest.raises(UnsupportedModelError, match="block-level policy"):
+                enable_cache(pipe, name, **ON[name])
+            continue
+        enable_cache(pipe, name, **OFF[name])
+        assert np.array_equal(_run(pipe, kwargs), ref), f"{name} off differs on {arch}"
+        assert cache_stats(pipe)["skipped"] == 0
+        enable_cache(pipe, name, **ON[name])
+        out = _run(pipe, kwargs)
+        stats = cache_stats(pipe)
+        assert out.shape == ref.shape and np.isfinite(out).all()
+        assert stats["skipped"] > 0, f"{name} skipped nothing on {arch}"
+    disable_cache(pipe)
+    assert np.array_equal(_run(pipe, kwargs), ref)
+    assert all("forward" not in block.__dict__ for block in pipe.transformer.modules())
+
+
+def test_state_resets_between_calls_with_different_step_counts() -> None:
+    pipe, kwargs = _pipe("PixArtTransformer2DModel")
+    enable_cache(pipe, "foresight", warmup=2, interval=3, threshold=1.0)
+    _run(pipe, kwargs, steps=7)
+    second = _run(pipe, kwargs, steps=4)
+    stats_second = cache_stats(pipe)
+    enable_cache(pipe, "foresight", warmup=2, interval=3, threshold=1.0)  # fresh state
+    fresh = _run(pipe, kwargs, steps=4)
+    assert np.array_equal(second, fresh)
+    assert stats_second == cache_stats(pipe)
+
+
+def test_state_resets_when_resolution_changes() -> None:
+    pipe, kwargs = _pipe("PixArtTransformer2DModel")
+    enable_cache(pipe, "teacache", threshold=0.3)
+    _run(pipe, kwargs)
+    big = _run(pipe, kwargs, height=24, width=24)
+    enable_cache(pipe, "teacache", threshold=0.3)
+    assert np.array_equal(big, _run(pipe, kwargs, height=24, width=24))
+
+
+@pytest.mark.parametrize("use_context", [False, True])
+def test_cfg_branches_do_not_share_state(use_context: bool) -> None:
+    """Interleaved cond/uncond calls (named by cache_context, or told apart by the repeated timestep)
+    give exactly what each branch gives when run alone."""
+    pipe, _ = _pipe("WanTransformer3DModel")
+    transformer = pipe.transformer
+    g = torch.Generator().manual_seed(3)
+    x = {"cond": torch.randn(1, 16, 1, 4, 4, generator=g), "uncond": torch.randn(1, 16, 1, 4, 4, generator=g)}
+    text = {"cond": torch.randn(1, 5, 16, generator=g), "uncond": torch.zeros(1, 5, 16)}
+    timesteps = [900, 700, 500, 300, 100, 50]
+
+    def call(branch: str, t: int) -> torch.Tensor:
+        kwargs = {"timestep": torch.tensor([t]), "encoder_hidden_states": text[branch]}
+        if use_context:
+            with transformer.cache_context(branch):
+                return transformer(x[branch], **kwargs).sample
+        return transformer(x[branch], **kwargs).sample
+
+    def trajectory(branches: list[str]) -> dict[str, list[torch.Tensor]]:
+        enable_cache(transformer, "foresight", warmup=2, interval=4, threshold=5.0)
+        out: dict[str, list[torch.Tensor]] = {b: [] for b in branches}
+        with torch.no_grad():
+            for t in timesteps:
+                for b in branches:
+                    out[b].append(call(b, t))
+        assert cache_stats(transformer)["skipped"] > 0
+        disable_cache(transformer)
+        return out
+
+    both = trajectory(["cond", "uncond"])
+    for branch in ("cond", "uncond"):
+        alone = trajectory([branch])
+        assert all(torch.equal(a, b) for a, b in zip(both[branch], alone[branch])), branch
+
+
+def test_new_request_detected_without_pipeline_and_reset_cache() -> None:
+    pipe, _ = _pipe("DiTTransformer2DModel")
+    transformer = pipe.transformer
+    x, labels = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([1, 2])
+    enable_cache(transformer, "static", interval=3)
+
+    def request() -> list[torch.Tensor]:
+        with torch.no_grad():
+            return [transformer(x, timestep=torch.tensor([t, t]), class_labels=labels).sample for t in (900, 600, 300, 10)]
+
+    first, second = request(), request()  # the timestep going back up starts a new request
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    reset_cache(transformer)
+    assert cache_stats(transformer)["computed"] == 0
+    disable_cache(transformer)
+
+
+def test_unsupported_model_and_bad_parameters() -> None:
+    with pytest.raises(UnsupportedModelError, match="DiTTransformer2DModel.*PixArtTransformer2DModel"):
+        enable_cache(torch.nn.Linear(2, 2), "foresight")
+    pipe, _ = _pipe("DiTTransformer2DModel")
+    with pytest.raises(kvcache.PolicyConfigError, match="interval"):
+        enable_cache(pipe, "foresight", interval=0)
+    with pytest.raises(kvcache.PolicyConfigError, match="valid feature policies"):
+        enable_cache(pipe, "magic")
+    with pytest.raises(RuntimeError, match="enable_cache"):
+        cache_stats(pipe)
