@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("engine_adapters.hf.generate_cli", "generate with a KV policy on a Hugging Face model"),
     "demo": ("engine_adapters.hf.demo_cli", "full cache beside a compressed one on a long built-in document"),
     "serve": ("engine_adapters.vllm.launcher", "vLLM's OpenAI-compatible server with --kv-policy/--kv-budget (needs kvcache[vllm])"),
+    "eval": ("eval.lm_eval_cli", "lm-eval-harness with --model kvcache and the kvlong tasks (every lm-eval option)"),
     "quant-bench": ("eval.quant_bench", "bytes, round-trip error and CPU attention speed of the KV quantisation codecs"),
 }
 

@@ -186,16 +186,24 @@ def budget_chars(length: int, kind: str = "prose") -> int:
 # ------------------------------------------------------------------------------------------------- tasks
 
 
+def sample(body: str, question: str, prefix: str, answers: list[str]) -> dict:
+    """A row: ``input`` (instructions, context and question; the user turn under a chat template),
+    ``gen_prefix`` (the start of the answer; lm-eval appends it, after the assistant tag with a chat
+    template) and ``outputs`` (the answers)."""
+    return {"input": f"{body}\n\n{question}", "gen_prefix": prefix, "outputs": answers}
+
+
 def make_passkey(rng: random.Random, hay: list[str], length: int) -> dict:
     head = (
         "There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
         "I will quiz you about the pass key.\n\n"
     )
     code = number(rng, 7, set())
-    needle = f"The pass key is {code}. Remember it."
-    tail = "\n\nWhat is the pass key? The pass key is"
+    needle = f"The secret pass key is {code}. Remember it."
+    question, prefix = "What is the secret pass key mentioned in the text?", "The secret pass key is"
+    tail = "\n\n" + question + " " + prefix
     paragraphs = haystack_paragraphs(rng, hay, budget_chars(length) - len(head) - len(tail) - len(needle))
-    return {"input": head + insert_needles(rng, paragraphs, [needle]) + tail, "outputs": [code]}
+    return sample(head + insert_needles(rng, paragraphs, [needle]), question, prefix, [code])
 
 
 def make_multikey(rng: random.Random, hay: list[str], length: int, keys: int = 4) -> dict:
@@ -208,10 +216,12 @@ def make_multikey(rng: random.Random, hay: list[str], length: int, keys: int = 4
     pairs = [(magic_key(rng, used_keys), number(rng, 7, used_values)) for _ in range(keys)]
     needles = [f"One of the special magic numbers for {k} is: {v}." for k, v in pairs]
     key, value = pairs[0]
-    tail = f"\n\nWhat is the special magic number for {key} mentioned in the provided text? The special magic number for {key} is:"
+    question = f"What is the special magic number for {key} mentioned in the provided text?"
+    prefix = f"The special magic number for {key} is:"
+    tail = "\n\n" + question + " " + prefix
     chars = budget_chars(length) - len(head) - len(tail) - sum(map(len, needles))
     context = insert_needles(rng, haystack_paragraphs(rng, hay, chars), needles)
-    return {"input": head + context + tail, "outputs": [value]}
+    return sample(head + context, question, prefix, [value])
 
 
 def make_multivalue(rng: random.Random, hay: list[str], length: int, values: int = 4) -> dict:
@@ -223,13 +233,12 @@ def make_multivalue(rng: random.Random, hay: list[str], length: int, values: int
     used: set[str] = set()
     vals = [number(rng, 7, used) for _ in range(values)]
     needles = [f"One of the special magic numbers for {key} is: {v}." for v in vals]
-    tail = (
-        f"\n\nWhat are all the special magic numbers for {key} mentioned in the provided text? "
-        f"List all {values}, separated by commas. The special magic numbers for {key} are:"
-    )
+    question = f"What are all the special magic numbers for {key} mentioned in the provided text? List all {values}, separated by commas."
+    prefix = f"The special magic numbers for {key} are:"
+    tail = "\n\n" + question + " " + prefix
     chars = budget_chars(length) - len(head) - len(tail) - sum(map(len, needles))
     context = insert_needles(rng, haystack_paragraphs(rng, hay, chars), needles)
-    return {"input": head + context + tail, "outputs": vals}
+    return sample(head + context, question, prefix, vals)
 
 
 def make_vartrack(rng: random.Random, hay: list[str], length: int, hops: int = 4, chains: int = 2) -> dict:
@@ -243,11 +252,12 @@ def make_vartrack(rng: random.Random, hay: list[str], length: int, hops: int = 4
         statements = [f"VAR {chain[0]} = {value}."] + [f"VAR {chain[i]} = VAR {chain[i - 1]}." for i in range(1, hops + 1)]
         all_chains.append((chain, value, statements))
     target_chain, target_value, _ = all_chains[0]
-    tail = (
-        f"\n\nQuestion: Find all variables that are assigned the value {target_value} in the text above. "
+    question = f"Question: Find all variables that are assigned the value {target_value} in the text above."
+    prefix = (
         f"Answer: According to the chain(s) of variable assignment in the text above, {hops + 1} variables are "
         f"assigned the value {target_value}, they are:"
     )
+    tail = "\n\n" + question + " " + prefix
     # interleave the chains, each one in order
     order = [c for c in range(chains) for _ in range(hops + 1)]
     rng.shuffle(order)
@@ -258,7 +268,7 @@ def make_vartrack(rng: random.Random, hay: list[str], length: int, hops: int = 4
         cursors[c] += 1
     chars = budget_chars(length) - len(head) - len(tail) - sum(map(len, needles))
     context = insert_needles(rng, haystack_paragraphs(rng, hay, chars), needles, ordered=True)
-    return {"input": head + context + tail, "outputs": target_chain, "value": target_value}
+    return {**sample(head + context, question, prefix, target_chain), "value": target_value}
 
 
 def make_freqword(rng: random.Random, hay: list[str], length: int, top: int = 3) -> dict:
@@ -266,11 +276,12 @@ def make_freqword(rng: random.Random, hay: list[str], length: int, top: int = 3)
         "Read the following coded text and track the frequency of each coded word. "
         "Find the three most frequently appeared coded words.\n\n"
     )
-    tail = (
-        "\n\nQuestion: Do not provide any explanation. Please ignore the dots '....'. What are the three most "
-        "frequently appeared words in the above coded text? Answer: According to the coded text above, the three "
-        "most frequently appeared words are:"
+    question = (
+        "Question: Do not provide any explanation. Please ignore the dots '....'. What are the three most "
+        "frequently appeared words in the above coded text?"
     )
+    prefix = "Answer: According to the coded text above, the three most frequently appeared words are:"
+    tail = "\n\n" + question + " " + prefix
     chars = budget_chars(length, "coded") - len(head) - len(tail)
     n_words = max(60, chars // 6)  # a coded word is ~5 characters plus a space
     vocab_size = max(30, n_words // 4)
@@ -292,7 +303,7 @@ def make_freqword(rng: random.Random, hay: list[str], length: int, top: int = 3)
     rng.shuffle(words)
     ranking = sorted(zip(vocab, counts), key=lambda kv: (-kv[1], kv[0]))
     text = " ".join(w if i % 20 else "...." + " " + w for i, w in enumerate(words))
-    return {"input": head + text + tail, "outputs": [w for w, _ in ranking[:top]]}
+    return sample(head + text, question, prefix, [w for w, _ in ranking[:top]])
 
 
 def make_qa(rng: random.Random, hay: list[str], length: int) -> dict:
@@ -332,10 +343,10 @@ def make_qa(rng: random.Random, hay: list[str], length: int) -> dict:
         "year": (f"In which year was {target['name']} born?", f"{target['name']} was born in the year"),
         "profession": (f"What did {target['name']} work as?", f"{target['name']} worked as a"),
     }[kind]
-    tail = f"\n\nQuestion: {question[0]}\nAnswer: {question[1]}"
+    tail = f"\n\nQuestion: {question[0]} {question[1]}"
     chars = budget_chars(length) - len(head) - len(tail) - sum(map(len, needles))
     context = insert_needles(rng, haystack_paragraphs(rng, hay, chars), needles)
-    return {"input": head + context + tail, "outputs": [target[kind]], "question": kind}
+    return {**sample(head + context, f"Question: {question[0]}", question[1], [target[kind]]), "question": kind}
 
 
 MAKERS = {
@@ -418,6 +429,7 @@ dataset_kwargs:
 output_type: generate_until
 test_split: test
 doc_to_text: "{{{{input}}}}"
+gen_prefix: "{{{{gen_prefix}}}}"
 doc_to_target: "{{{{outputs}}}}"
 target_delimiter: " "
 process_results: !function utils.process_results
