@@ -39,15 +39,24 @@ def select_keep(
     protected: torch.Tensor,
     budget: torch.Tensor,
     capacity: int,
+    key_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep the protected slots plus the top-scoring rest, ``budget[b]`` slots for sequence ``b``.
 
+    Equal scores (common after max-pooling) go to the more recent token when ``key_index`` is given, so
+    the choice does not depend on where a slot happens to sit (padding, batch position).
     Returns ``keep [B, H, capacity]`` slot indices in ascending slot order and ``keep_valid`` (False
     where a sequence's budget is below ``capacity``, the rectangular size of the batch, or where it
     has fewer real tokens than its budget).
     """
     ranked = effective_scores(scores, valid, protected)
-    top_scores, top_slots = ranked.topk(capacity, dim=-1, sorted=True)
+    if key_index is None:
+        top_scores, top_slots = ranked.topk(capacity, dim=-1, sorted=True)
+    else:
+        newest_first = key_index.argsort(dim=-1, descending=True, stable=True)
+        by_score = ranked.gather(-1, newest_first).sort(dim=-1, descending=True, stable=True)
+        top_scores = by_score.values[..., :capacity]
+        top_slots = newest_first.gather(-1, by_score.indices[..., :capacity])
     rank = torch.arange(capacity, device=scores.device)
     keep_valid = (rank < budget.reshape(-1, 1, 1)) & (top_scores > float("-inf"))
     order = top_slots.argsort(dim=-1)

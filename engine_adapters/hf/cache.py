@@ -298,7 +298,7 @@ class PolicyCache(Cache):
             return
         capacity = int(torch.minimum(counts, layer.budget).max())
         headroom = 1 if plan.policy.every_step else 0
-        slots, slot_valid = select_keep(layer.scores, layer.valid, protected, layer.budget, capacity)
+        slots, slot_valid = select_keep(layer.scores, layer.valid, protected, layer.budget, capacity, layer.index)
         layer.keep(slots, slot_valid, headroom)
 
     @staticmethod

@@ -46,6 +46,10 @@ def convert(model: EmbeddedModel, target: Path) -> Path:
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
         hf_model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+        # The GGUF tensors are already dequantised to fp32; drop the quantiser so the folder is plain safetensors.
+        hf_model.hf_quantizer = None
+        if hasattr(hf_model.config, "quantization_config"):
+            del hf_model.config.quantization_config
         hf_model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         config_path = tmp / "config.json"

@@ -25,7 +25,7 @@ def check_budget(budget: float | int) -> None:
 
 def parse_budget(text: str | float | int) -> float | int:
     """Read a budget from a CLI or ``model_args`` string: ``"0.5"`` is a fraction, ``"512"`` a token count."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
+    if isinstance(text, (int, float)):
         check_budget(text)
         return text
     value: float | int

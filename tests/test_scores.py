@@ -1,0 +1,123 @@
+"""Scores and budgets against the papers' formulas on small hand-checked inputs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import kvcache
+from kvcache.budget.cake import layer_preference
+from kvcache.evict.base import Observation
+from kvcache.evict.keyformer import gumbel_noise
+from kvcache.evict.snapkv import pool_scores
+
+
+def observation(q_len: int, t: int, h_kv: int = 2, group: int = 2, d: int = 8, seed: int = 0, step: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    queries = torch.randn(1, h_kv * group, q_len, d, generator=gen)
+    keys = torch.randn(1, h_kv, t, d, generator=gen)
+    index = torch.arange(t).expand(1, h_kv, t)
+    return Observation(
+        queries=queries,
+        keys=keys,
+        key_index=index,
+        key_valid=torch.ones(1, h_kv, t, dtype=torch.bool),
+        query_index=torch.arange(t - q_len, t).expand(1, q_len),
+        scaling=d**-0.5,
+        step=step,
+        max_new_tokens=10,
+    )
+
+
+def causal_probs(obs: Observation, extra=None, tau: float = 1.0) -> torch.Tensor:
+    """softmax over visible keys per query head, the textbook way: [B, H_q, q, T]."""
+    group = obs.group_size
+    keys = obs.keys.repeat_interleave(group, dim=1)
+    z = obs.queries @ keys.transpose(-1, -2) * obs.scaling
+    mask = obs.key_index[:, :1, None, :] <= obs.query_index[:, None, :, None]
+    z = z.masked_fill(~mask, float("-inf"))
+    if extra is not None:
+        z = z + extra
+    return torch.softmax(z / tau, dim=-1)
+
+
+def group_mean(per_query_head: torch.Tensor, group: int) -> torch.Tensor:
+    b, h_q, t = per_query_head.shape
+    return per_query_head.reshape(b, h_q // group, group, t).mean(dim=2)
+
+
+def test_h2o_accumulates_column_sums_over_passes():
+    policy = kvcache.create("evict", "h2o")
+    prompt = observation(q_len=6, t=6)
+    first = policy.score(prompt, None)
+    expected_first = group_mean(causal_probs(prompt).sum(dim=2), 2)
+    torch.testing.assert_close(first, expected_first)
+    decode = observation(q_len=1, t=7, seed=1)
+    second = policy.score(decode, first)
+    expected = torch.cat([first, torch.zeros(1, 2, 1)], dim=-1) + group_mean(causal_probs(decode).sum(dim=2), 2)
+    torch.testing.assert_close(second, expected)
+
+
+def test_keyformer_scores_are_gumbel_softmax_sums_with_the_tau_schedule():
+    policy = kvcache.create("evict", "keyformer", seed=7)
+    assert policy.temperature(0, 10) == 1.0
+    assert policy.temperature(5, 10) == 1.5
+    assert policy.temperature(10, 10) == 2.0
+    assert policy.temperature(3, None) == 1.0
+    obs = observation(q_len=5, t=5, step=5)
+    scores = policy.score(obs, None)
+    noise = gumbel_noise(torch.Size([1, 2, 2, 5, 5]), torch.device("cpu"), torch.Generator().manual_seed(7))
+    probs = causal_probs(obs, extra=noise.reshape(1, 4, 5, 5), tau=1.5)
+    torch.testing.assert_close(scores, group_mean(probs.sum(dim=2), 2))
+    # fresh noise per pass: a second call with the same generator draws different noise
+    assert not torch.allclose(policy.score(obs, None), scores)
+
+
+def test_gumbel_noise_has_the_gumbel_mean():
+    g = gumbel_noise(torch.Size([200_000]), torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert abs(g.mean().item() - 0.5772) < 0.01  # Euler-Mascheroni constant
+
+
+def test_snapkv_pools_window_attention():
+    assert pool_scores(torch.tensor([[[0.0, 1, 0, 0, 5, 0, 0]]]), 3, "max").tolist() == [[[1, 1, 1, 5, 5, 5, 0]]]
+    avg = pool_scores(torch.tensor([[[3.0, 0, 0, 6]]]), 3, "avg")
+    torch.testing.assert_close(avg, torch.tensor([[[1.0, 1.0, 2.0, 2.0]]]))
+    policy = kvcache.create("evict", "snapkv", window=3, kernel=1)
+    obs = observation(q_len=9, t=9)
+    expected = group_mean(causal_probs(obs)[:, :, -3:].sum(dim=2), 2)
+    torch.testing.assert_close(policy.score(obs, None), expected)
+
+
+def test_pyramid_budget_arithmetic():
+    pyramid = kvcache.create("budget", "pyramid")
+    one = lambda v: torch.tensor([v])  # noqa: E731
+    budgets = pyramid.allocate(one(512), one(32), one(4096), 30)[:, 0].tolist()
+    # B = 480, min = 24, max = 936, step = floor(912 / 29) = 31; plus w = 32
+    assert budgets[0] == 936 + 32 and budgets[-1] == 936 - 29 * 31 + 32
+    assert all(a - b == 31 for a, b in zip(budgets, budgets[1:]))
+    # cap: B = 90, min = 4, max = 176 >= L - w = 110 -> max = 110, min = 70, step = 13
+    assert pyramid.allocate(one(100), one(10), one(120), 4)[:, 0].tolist() == [120, 107, 94, 81]
+    # no compression when the prompt fits
+    assert pyramid.allocate(one(100), one(10), one(80), 4)[:, 0].tolist() == [80] * 4
+
+
+def test_cake_allocation_caps_and_spreads_the_excess():
+    cake = kvcache.create("budget", "cake")
+    prefs = torch.tensor([[10.0], [1.0], [1.0], [1.0]])
+    budgets = cake.allocate(torch.tensor([512]), torch.tensor([32]), torch.tensor([600]), 4, prefs)[:, 0]
+    # T = 4 * 480 = 1920; layer 0 wants 1477 > cap 568: capped, excess 909 spread over 3 -> 450 each
+    assert budgets.tolist() == [600, 482, 482, 482]
+    uniform = cake.allocate(torch.tensor([100]), torch.tensor([10]), torch.tensor([1000]), 3, torch.ones(3, 1))
+    assert uniform[:, 0].tolist() == [100, 100, 100]
+
+
+def test_cake_preference_is_entropy_times_variance():
+    probs = torch.tensor([[0.5, 0.5, 0.0], [0.9, 0.1, 0.0]]).reshape(1, 1, 1, 2, 3)
+    prefix = torch.ones(1, 1, 3, dtype=torch.bool)
+    entropy = -sum(p * math.log(p + 1e-10) for p in (0.5, 0.5, 0.9, 0.1))
+    variance = 0.2**2 + 0.2**2  # per-key variance over the 2 queries, summed
+    got = layer_preference(probs, prefix, 1.0, 1.0)
+    assert got.item() == pytest.approx(entropy * variance, rel=1e-5)
+    assert layer_preference(probs, prefix, 2.0, 1.0).item() == pytest.approx(entropy**0.5 * variance, rel=1e-5)
