@@ -1,0 +1,241 @@
+"""``kvcache dit-bench``: DiT feature-cache policies side by side on the trained digits DiT.
+
+For each policy and setting: wall-clock speedup and fraction of block computations skipped against the
+uncached run in the same process, and PSNR / SSIM / MSE of the images against the uncached images from
+the same seed. diffusers' own ``FirstBlockCacheConfig`` (and ``cache-dit``'s DBCache when it is installed
+and accepts the model) run on the same model in the same run. Writes JSON and a PNG of PSNR vs speedup
+(one curve per method).
+
+Block computations are counted independently of the policies: a forward pre-hook on each block's first
+attention module fires only when the block really runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+# (policy, params) grids. The uncached run is measured separately.
+SWEEP: dict[str, list[dict[str, Any]]] = {
+    "foresight": [
+        {"warmup": 5, "interval": 3, "threshold": 1.0},
+        {"warmup": 5, "interval": 4, "threshold": 1.0},
+        {"warmup": 5, "interval": 4, "threshold": 2.0},
+        {"warmup": 5, "interval": 6, "threshold": 2.0},
+        {"warmup": 5, "interval": 6, "threshold": 4.0},
+    ],
+    "static": [{"interval": 2}, {"interval": 3}, {"interval": 4}],
+    "taylorseer": [{"interval": 3, "order": 1}, {"interval": 4, "order": 1}, {"interval": 5, "order": 2}, {"interval": 6, "order": 2}],
+    "first-block": [{"threshold": 0.02}, {"threshold": 0.05}, {"threshold": 0.1}, {"threshold": 0.2}],
+    "teacache": [{"threshold": 0.05}, {"threshold": 0.1}, {"threshold": 0.2}, {"threshold": 0.4}],
+    "tokencache": [{"k1": 2, "k2": 3, "ratio": 0.5}, {"k1": 3, "k2": 4, "ratio": 0.75, "blocks": 0.75}],
+}
+QUICK_SWEEP: dict[str, list[dict[str, Any]]] = {name: grid[:2] for name, grid in SWEEP.items()}
+DIFFUSERS_FBC = [0.02, 0.05, 0.1, 0.2]
+
+
+@dataclass
+class Method:
+    """One cached configuration: how to attach it, how to detach it, how to read its own skip count."""
+
+    family: str
+    params: dict[str, Any]
+    attach: Callable[[torch.nn.Module], None]
+    detach: Callable[[torch.nn.Module], None]
+    stats: Callable[[torch.nn.Module], dict[str, float]] | None = None  # the policy's own (fractional) count
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--steps", type=int, default=50, help="denoising steps (DDIM)")
+    parser.add_argument("--batch", type=int, default=32, help="images per run (CFG doubles the transformer batch)")
+    parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per configuration; the fastest counts")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 gives stable timings on a shared CPU)")
+    parser.add_argument("--policies", default=",".join(SWEEP), help="comma-separated policies to sweep")
+    parser.add_argument("--quick", action="store_true", help="two settings per policy, fewer baselines")
+    parser.add_argument("--no-external", action="store_true", help="skip diffusers FirstBlockCache and cache-dit")
+    parser.add_argument("--weights", default=None, help="trained DiT safetensors (default: the shipped one)")
+    parser.add_argument("--output", default="eval/results/dit_bench.json", help="JSON path; the PNG goes beside it")
+
+
+def _block_counter(model: torch.nn.Module) -> tuple[list[int], list[Any]]:
+    count = [0]
+
+    def hook(*_: Any) -> None:
+        count[0] += 1
+
+    handles = [block.attn1.register_forward_pre_hook(hook) for block in model.transformer_blocks]
+    return count, handles
+
+
+def _our_method(name: str, params: dict[str, Any]) -> Method:
+    from engine_adapters.diffusers import cache_stats, disable_cache, enable_cache
+
+    return Method(name, params, lambda m: enable_cache(m, name, **params), disable_cache, cache_stats)
+
+
+def _diffusers_fbc(threshold: float) -> Method:
+    from diffusers.hooks import FirstBlockCacheConfig, HookRegistry, apply_first_block_cache
+
+    def detach(model: torch.nn.Module) -> None:
+        registry = HookRegistry.check_if_exists_or_initialize(model)
+        registry.remove_hook("fbc_leader_block_hook", recurse=True)
+        registry.remove_hook("fbc_block_hook", recurse=True)
+
+    return Method("diffusers-fbc", {"threshold": threshold},
+                  lambda m: apply_first_block_cache(m, FirstBlockCacheConfig(threshold=threshold)), detach)
+
+
+def _cache_dit(threshold: float) -> Method:
+    import cache_dit
+
+    def attach(model: torch.nn.Module) -> None:
+        adapter = cache_dit.BlockAdapter(
+            transformer=model, blocks=model.transformer_blocks, forward_pattern=cache_dit.ForwardPattern.Pattern_3
+        )
+        cache_dit.enable_cache(adapter, cache_config=cache_dit.DBCacheConfig(
+            Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=threshold))
+
+    return Method("cache-dit", {"threshold": threshold}, attach, lambda m: cache_dit.disable_cache(m))
+
+
+def _reset_external(model: torch.nn.Module) -> None:
+    registry = getattr(model, "_diffusers_hook", None)
+    if registry is not None:
+        registry.reset_stateful_hooks(recurse=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from eval.dit import digits
+    from eval.dit.metrics import quality
+
+    torch.set_num_threads(args.threads)
+    model = digits.load_trained(Path(args.weights)) if args.weights else digits.load_trained()
+    labels = torch.arange(args.batch) % digits.NUM_CLASSES
+    names = [n.strip() for n in args.policies.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(SWEEP))
+    if unknown:
+        raise SystemExit(f"unknown policies {unknown}; choose from {', '.join(SWEEP)}")
+    sweep = QUICK_SWEEP if args.quick else SWEEP
+    methods = [_our_method(n, p) for n in names for p in sweep[n]]
+    external_errors: dict[str, str] = {}
+    if not args.no_external:
+        thresholds = DIFFUSERS_FBC[1:3] if args.quick else DIFFUSERS_FBC
+        try:
+            methods += [_diffusers_fbc(t) for t in thresholds]
+        except ImportError as err:
+            external_errors["diffusers-fbc"] = f"{type(err).__name__}: {err}"
+        try:
+            methods += [_cache_dit(t) for t in thresholds]
+        except ImportError as err:
+            external_errors["cache-dit"] = f"not installed ({err})"
+
+    count, handles = _block_counter(model)
+    total_blocks = args.steps * len(model.transformer_blocks)
+
+    def timed(method: Method | None = None) -> tuple[torch.Tensor, float, int, float | None]:
+        best, out, blocks, own = math.inf, None, 0, None
+        for _ in range(args.repeats):
+            _reset_external(model)
+            count[0] = 0
+            start = time.perf_counter()
+            out = digits.sample(model, labels, steps=args.steps, guidance=args.guidance, seed=args.seed)
+            best = min(best, time.perf_counter() - start)
+            blocks = count[0]
+            if method is not None and method.stats is not None:
+                own = method.stats(model)["fraction_skipped"]
+        return (out + 1) / 2, best, blocks, own  # type: ignore[operator]
+
+    digits.sample(model, labels[:2], steps=3, guidance=args.guidance)  # warm up
+    reference, base_time, base_blocks, _ = timed()
+    results: list[dict[str, Any]] = [{"family": "uncached", "params": {}, "seconds": base_time, "speedup": 1.0,
+                                      "blocks_called": base_blocks, "fraction_skipped": 0.0, "block_reduction": 1.0,
+                                      "psnr": math.inf, "ssim": 1.0, "mse": 0.0}]
+    for method in tqdm(methods, desc="dit-bench", unit="config"):
+        try:
+            method.attach(model)
+            images, seconds, blocks, own = timed(method)
+        except Exception as err:  # an external library that does not accept this model
+            external_errors[method.family] = f"{type(err).__name__}: {err}"
+            continue
+        finally:
+            try:
+                method.detach(model)
+            except Exception:
+                pass
+        q = quality(images, reference)
+        # Blocks that ran (counted by the pre-hook); a token-level partial block runs but counts fractionally
+        # in the policy's own statistics, which are used where the method has them.
+        skipped = own if own is not None else 1.0 - blocks / base_blocks
+        results.append({"family": method.family, "params": method.params, "seconds": seconds,
+                        "speedup": base_time / seconds, "blocks_called": blocks, "fraction_skipped": skipped,
+                        "block_reduction": 1.0 / max(1.0 - skipped, 1e-9), **q})
+    for h in handles:
+        h.remove()
+
+    report = {
+        "benchmark": "dit-bench",
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpu_count": os.cpu_count(), "torch_threads": args.threads, "torch": torch.__version__,
+                    "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None},
+        "model": {"weights": str(args.weights or digits.WEIGHTS), "blocks": len(model.transformer_blocks),
+                  "config": digits.MODEL_CONFIG},
+        "settings": {"steps": args.steps, "batch": args.batch, "guidance": args.guidance, "seed": args.seed,
+                     "repeats": args.repeats, "scheduler": "DDIM", "total_block_calls": total_blocks},
+        "external_errors": external_errors,
+        "results": results,
+    }
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=float) + "\n")
+    png = out.with_suffix(".png")
+    _plot(results, png, report["machine"]["processor"])
+    _print_table(results)
+    print(f"wrote {out} and {png}")
+    return 0
+
+
+def _print_table(results: list[dict[str, Any]]) -> None:
+    print(f"{'method':<14} {'params':<42} {'speedup':>7} {'skipped':>7} {'PSNR':>7} {'SSIM':>6}")
+    for r in results:
+        params = ",".join(f"{k}={v}" for k, v in r["params"].items())
+        print(f"{r['family']:<14} {params:<42} {r['speedup']:>6.2f}x {r['fraction_skipped']:>7.1%} "
+              f"{r['psnr']:>7.2f} {r['ssim']:>6.3f}")
+
+
+def _plot(results: list[dict[str, Any]], path: Path, machine: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no PNG written")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    families = sorted({r["family"] for r in results if r["family"] != "uncached"})
+    for family in families:
+        pts = sorted((r["speedup"], r["psnr"]) for r in results if r["family"] == family and math.isfinite(r["psnr"]))
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=family)
+    ax.axhline(30, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("wall-clock speedup vs uncached (same run)")
+    ax.set_ylabel("PSNR vs uncached output (dB)")
+    ax.set_title(f"DiT feature caching on the digits DiT ({machine})", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
