@@ -73,7 +73,8 @@ def prompts():
 def stock(prompts):
     """Stock vLLM (no kvcache setting: the plugin stays inert and vLLM's own scheduler runs)."""
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    arg = json.dumps([model_path(), ENGINE_KW, prompts, 12])
+    # stock vLLM needs max_model_len to fit the pool; the prompts here are far shorter
+    arg = json.dumps([model_path(), {**ENGINE_KW, "max_model_len": 2048}, prompts, 12])
     proc = subprocess.run([sys.executable, "-c", STOCK_SCRIPT, arg], capture_output=True, text=True, env=env, timeout=900)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
     assert lines, proc.stderr[-3000:]
@@ -87,7 +88,9 @@ def llm():
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM
 
-    engine = LLM(model_path(), additional_config={"kv_policy": "snapkv", "kv_budget": 1.0}, **ENGINE_KW)
+    # max_model_len (4096) exceeds the pool (2560 tokens): allowed because with eviction after every
+    # prefill chunk a request holds about budget + chunk tokens
+    engine = LLM(model_path(), additional_config={"kv_policy": "snapkv", "kv_budget": 0.1}, **ENGINE_KW)
     yield engine
     del engine
 
@@ -176,8 +179,8 @@ def test_chunked_prefill_peak_is_budget_plus_chunk(llm):
 
     inprocess = configure(llm, kv_policy="snapkv", kv_budget=0.1)
     tok = AutoTokenizer.from_pretrained(model_path())
-    prompt = tok(document(300))["input_ids"]
-    assert len(prompt) > BLOCKS * 128  # more tokens than the pool holds
+    prompt = tok(document(230))["input_ids"]
+    assert BLOCKS * 128 < len(prompt) < MAX_LEN  # more tokens than the whole pool holds
     initial = inprocess.free_blocks(llm)
     llm.llm_engine.add_request("long-0", {"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     peak = []
@@ -226,3 +229,29 @@ def test_preemption_recomputes_and_frees_everything(llm, prompts):
     assert all(len(t) == 120 for t in finished.values())
     assert sched.kv_stats["preemptions"] > 0
     assert inprocess.free_blocks(llm) == initial
+
+
+@pytest.mark.parametrize("settings", [
+    {"kv_policy": "snapkv", "kv_budget": 0.25},
+    {"kv_policy": "streaming", "kv_budget": 0.25, "kv_recompact_every": 1},
+])
+def test_same_tokens_as_the_hf_adapter(llm, prompts, settings):
+    """The plugin evicts what the Hugging Face adapter evicts: same registry policy, same selector, so
+    greedy decoding gives the same tokens (SnapKV once at the prompt; StreamingLLM at every step)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from vllm import SamplingParams
+
+    from engine_adapters.hf.adapter import kv_policy
+
+    n = 16
+    prompt = prompts[0]
+    inprocess = configure(llm, **settings)
+    params = SamplingParams(temperature=0, max_tokens=n, min_tokens=n)
+    got = list(llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0].outputs[0].token_ids)
+    assert inprocess.scheduler(llm).kv_stats["compactions"] >= 1
+    model = AutoModelForCausalLM.from_pretrained(model_path(), dtype=torch.float32)
+    ids = torch.tensor([prompt])
+    with kv_policy(model, settings["kv_policy"], budget=settings["kv_budget"]):
+        want = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)[0, len(prompt):].tolist()
+    assert got == want

@@ -223,6 +223,46 @@ def _patch_model_runner(module: Any) -> None:
     worker.patch_model_runner(module.GPUModelRunner)
 
 
+def _patch_kv_cache_utils(module: Any) -> None:
+    """vLLM refuses to start when the pool cannot hold one request of ``max_model_len`` tokens. With
+    eviction after every prefill chunk a request holds about budget + chunk tokens, so that is what must
+    fit (this is what makes prompts longer than the pool servable)."""
+    if getattr(module, "_kvcache_patched", False):
+        return
+    original_configs = module.get_kv_cache_configs
+    original_check = module._check_enough_kv_cache_memory
+
+    @functools.wraps(original_configs)
+    def get_kv_cache_configs(vllm_config, *args, **kwargs):
+        cfg = kvconfig.parse(vllm_config.additional_config)
+        if cfg is None or not cfg.chunk_evict or not cfg.create_policy().compresses:
+            return original_configs(vllm_config, *args, **kwargs)
+        max_len = vllm_config.model_config.max_model_len
+        chunk = vllm_config.scheduler_config.max_num_batched_tokens
+        peak = min(max_len, cfg.capacity(max_len) + max(chunk, cfg.recompact_every))
+
+        def check(available, get_needed, max_model_len, estimate):
+            return original_check(available, lambda: -(-get_needed() * peak // max_model_len), max_model_len, estimate)
+
+        module._check_enough_kv_cache_memory = check
+        try:
+            return original_configs(vllm_config, *args, **kwargs)
+        finally:
+            module._check_enough_kv_cache_memory = original_check
+
+    module.get_kv_cache_configs = get_kv_cache_configs
+    module._kvcache_patched = True
+    if "vllm.v1.engine.core" in sys.modules:
+        _repoint_engine_core(sys.modules["vllm.v1.engine.core"])
+
+
+def _repoint_engine_core(module: Any) -> None:
+    """``vllm.v1.engine.core`` imports ``get_kv_cache_configs`` by name; point it at the patched one."""
+    utils = sys.modules.get("vllm.v1.core.kv_cache_utils")
+    if utils is not None and getattr(utils, "_kvcache_patched", False):
+        module.get_kv_cache_configs = utils.get_kv_cache_configs
+
+
 def _patch_cpu_attention(module: Any) -> None:
     from engine_adapters.vllm import worker
 
@@ -260,6 +300,8 @@ class _PatchingFinder(importlib.abc.MetaPathFinder):
 def _install_import_hooks() -> None:
     _HOOKS["vllm.v1.worker.gpu_model_runner"] = _patch_model_runner
     _HOOKS["vllm.v1.attention.backends.cpu_attn"] = _patch_cpu_attention
+    _HOOKS["vllm.v1.core.kv_cache_utils"] = _patch_kv_cache_utils
+    _HOOKS["vllm.v1.engine.core"] = _repoint_engine_core
     for name, hook in _HOOKS.items():
         if name in sys.modules:
             hook(sys.modules[name])

@@ -1,0 +1,90 @@
+"""The plugin's hooks into vLLM's argument parsing and configuration (no engine started)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs  # noqa: E402
+from vllm.utils.argparse_utils import FlexibleArgumentParser  # noqa: E402
+
+from engine_adapters.vllm import plugin  # noqa: E402
+from engine_adapters.vllm.config import KVPluginError  # noqa: E402
+
+
+def test_entry_point_is_registered():
+    from importlib.metadata import entry_points
+
+    names = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
+    assert names.get("kvcache") == "engine_adapters.vllm:register"
+
+
+def test_flags_reach_vllms_parser_and_fold_into_additional_config():
+    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())  # loads the plugins, as `vllm serve` does
+    args = parser.parse_args([
+        "--model", "m", "--kv-policy", "keyformer", "--kv-budget", "0.5", "--kv-window", "16",
+        "--additional-config", '{"kv_recompact_every": 4, "other": true}',
+    ])
+    engine_args = AsyncEngineArgs.from_cli_args(args)
+    assert engine_args.additional_config == {
+        "kv_policy": "keyformer", "kv_budget": "0.5", "kv_window": "16", "kv_recompact_every": 4, "other": True,
+    }
+    help_text = parser.format_help()
+    for flag in ("--kv-policy", "--kv-budget", "--kv-window", "--kv-layer-budget", "--kv-quant"):
+        assert flag in help_text
+
+
+def test_inert_without_policy():
+    engine_args = EngineArgs(model="m", additional_config={"unrelated": 1})
+    assert plugin.prepare_engine_args(engine_args) is None
+    assert engine_args.scheduler_cls is None and engine_args.enable_prefix_caching is None
+
+
+def test_policy_installs_scheduler_and_turns_prefix_caching_off():
+    engine_args = EngineArgs(model="m", enforce_eager=True, additional_config={"kv_policy": "snapkv", "kv_budget": 0.25})
+    cfg = plugin.prepare_engine_args(engine_args)
+    assert cfg.policy_name == "snapkv" and cfg.budget == 0.25
+    assert engine_args.scheduler_cls == plugin.SCHEDULER_CLS
+    assert engine_args.enable_prefix_caching is False and engine_args.async_scheduling is False
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"enable_prefix_caching": True}, "prefix caching"),
+    ({"async_scheduling": True}, "async scheduling"),
+    ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2}}, "speculative decoding"),
+    ({"kv_cache_dtype": "fp8"}, "kv-cache-dtype"),
+    ({"tensor_parallel_size": 2}, "tensor/pipeline parallelism"),
+    ({"decode_context_parallel_size": 2}, "context parallelism"),
+    ({"enforce_eager": False}, "--enforce-eager"),
+    ({"scheduler_cls": "my.Scheduler"}, "--scheduler-cls"),
+])
+def test_fences_fail_at_launch_with_the_fix(kwargs, message):
+    base = {"model": "m", "enforce_eager": True, "additional_config": {"kv_policy": "snapkv"}}
+    engine_args = EngineArgs(**{**base, **kwargs})
+    with pytest.raises(KVPluginError, match="cannot run with") as err:
+        plugin.prepare_engine_args(engine_args)
+    assert message in str(err.value)
+
+
+def test_unsupported_vllm_version_refused_only_with_a_policy(monkeypatch):
+    error = KVPluginError("the kvcache vLLM plugin supports vLLM >=0.32,<0.33 but vLLM 0.40.0 is installed")
+    monkeypatch.setattr(plugin, "_version_error", error)
+    assert plugin.prepare_engine_args(EngineArgs(model="m")) is None
+    with pytest.raises(KVPluginError, match="supports vLLM"):
+        plugin.prepare_engine_args(EngineArgs(model="m", enforce_eager=True, additional_config={"kv_policy": "h2o"}))
+
+
+def test_layer_budget_refused_through_engine_args():
+    engine_args = EngineArgs(model="m", enforce_eager=True, additional_config={"kv_policy": "snapkv", "kv_layer_budget": "cake"})
+    with pytest.raises(KVPluginError, match="engine_adapters.hf"):
+        plugin.prepare_engine_args(engine_args)
+
+
+def test_launcher_parses_vllm_serve_arguments():
+    from engine_adapters.vllm.launcher import parse_serve_args
+
+    args, _ = parse_serve_args(["/some/model", "--kv-policy", "snapkv", "--kv-budget", "0.25", "--port", "8123"])
+    assert args.model_tag == "/some/model" and args.port == 8123
+    assert args.kv_policy == "snapkv" and args.kv_budget == "0.25"
+    assert AsyncEngineArgs.from_cli_args(args).additional_config["kv_policy"] == "snapkv"

@@ -1,0 +1,123 @@
+"""``kvcache serve`` end to end: vLLM's OpenAI API server with SnapKV at budget 0.25 on the embedded model."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytest.importorskip("vllm")
+pytestmark = pytest.mark.e2e
+
+NEEDLE = "58213"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def retrieval_prompt(n_filler: int = 40) -> str:
+    filler = " ".join(
+        f"Note {i}: the weather in town {i} was mild and the market sold {i % 9 + 2} baskets of apples." for i in range(n_filler)
+    )
+    return (
+        f"Remember this: the secret pass key is {NEEDLE}. {filler} "
+        f"Question: what is the secret pass key? Answer: the secret pass key is"
+    )
+
+
+def post(port: int, path: str, body: dict, timeout: float = 600) -> dict:
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def kvcache_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "kvcache.cli", "serve", *args]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    cmd = kvcache_cmd(
+        "smollm2-135m", "--kv-policy", "snapkv", "--kv-budget", "0.25", "--enforce-eager", "--dtype", "float32",
+        "--max-model-len", "4096", "--num-gpu-blocks-override", "48", "--max-num-seqs", "32",
+        "--host", "127.0.0.1", "--port", str(port),
+    )
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ})
+    try:
+        deadline = time.time() + 900
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"kvcache serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                time.sleep(3)
+        else:
+            pytest.fail(f"server did not come up:\n{log.read_text()[-4000:]}")
+        yield port, log
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_long_context_retrieval_over_openai_api(server):
+    port, log = server
+    models = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=30).read())
+    assert models["data"][0]["id"] == "smollm2-135m"
+    prompt = retrieval_prompt()
+    reply = post(port, "/v1/completions", {"model": "smollm2-135m", "prompt": prompt, "max_tokens": 8, "temperature": 0})
+    assert reply["usage"]["prompt_tokens"] > 600
+    assert NEEDLE in reply["choices"][0]["text"], reply["choices"][0]["text"]
+    text = log.read_text()
+    assert "kvcache: eviction enabled in vLLM" in text
+
+
+def test_32_concurrent_requests_complete(server):
+    port, _ = server
+    prompt = retrieval_prompt(20)
+
+    def one(i: int) -> dict:
+        return post(port, "/v1/completions", {"model": "smollm2-135m", "prompt": f"[{i}] " + prompt, "max_tokens": 6, "temperature": 0})
+
+    with ThreadPoolExecutor(32) as pool:
+        replies = list(pool.map(one, range(32)))
+    assert len(replies) == 32
+    assert all(r["usage"]["completion_tokens"] >= 1 and r["choices"][0]["text"] for r in replies)
+
+
+def test_fenced_feature_fails_at_launch_with_the_fix():
+    proc = subprocess.run(
+        kvcache_cmd("smollm2-135m", "--kv-policy", "snapkv", "--enforce-eager", "--enable-prefix-caching"),
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode != 0
+    assert "prefix caching" in proc.stderr and "--enable-prefix-caching" in proc.stderr
+
+
+def test_layer_budget_refused_at_launch_naming_hf_adapter():
+    proc = subprocess.run(
+        kvcache_cmd("smollm2-135m", "--kv-policy", "snapkv", "--kv-layer-budget", "pyramid", "--enforce-eager"),
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode != 0
+    assert "not supported in vLLM" in proc.stderr and "engine_adapters.hf" in proc.stderr
