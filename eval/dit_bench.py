@@ -29,18 +29,20 @@ SWEEP: dict[str, list[dict[str, Any]]] = {
     "foresight": [
         {"warmup": 5, "interval": 3, "threshold": 1.0},
         {"warmup": 5, "interval": 4, "threshold": 1.0},
-        {"warmup": 5, "interval": 4, "threshold": 2.0},
-        {"warmup": 5, "interval": 6, "threshold": 2.0},
-        {"warmup": 5, "interval": 6, "threshold": 4.0},
+        {"warmup": 5, "interval": 3, "threshold": 1.0, "reuse": "residual"},
+        {"warmup": 5, "interval": 4, "threshold": 2.0, "reuse": "residual"},
+        {"warmup": 5, "interval": 6, "threshold": 2.0, "reuse": "residual"},
+        {"warmup": 5, "interval": 4, "threshold": 2.0, "reuse": "residual", "mode": "prefix"},
+        {"warmup": 5, "interval": 6, "threshold": 2.0, "reuse": "residual", "mode": "prefix"},
     ],
-    "static": [{"interval": 2}, {"interval": 3}, {"interval": 4}],
-    "taylorseer": [{"interval": 3, "order": 1}, {"interval": 4, "order": 1}, {"interval": 5, "order": 2}, {"interval": 6, "order": 2}],
-    "first-block": [{"threshold": 0.02}, {"threshold": 0.05}, {"threshold": 0.1}, {"threshold": 0.2}],
-    "teacache": [{"threshold": 0.05}, {"threshold": 0.1}, {"threshold": 0.2}, {"threshold": 0.4}],
+    "static": [{"interval": 2}, {"interval": 3}, {"interval": 3, "reuse": "residual"}, {"interval": 4, "reuse": "residual"}],
+    "taylorseer": [{"interval": 3, "order": 1}, {"interval": 4, "order": 1}, {"interval": 4, "order": 2}, {"interval": 6, "order": 2}],
+    "first-block": [{"threshold": 0.03}, {"threshold": 0.05}, {"threshold": 0.08}, {"threshold": 0.12}],
+    "teacache": [{"threshold": 0.05}, {"threshold": 0.1}, {"threshold": 0.2}, {"threshold": 0.3}],
     "tokencache": [{"k1": 2, "k2": 3, "ratio": 0.5}, {"k1": 3, "k2": 4, "ratio": 0.75, "blocks": 0.75}],
 }
 QUICK_SWEEP: dict[str, list[dict[str, Any]]] = {name: grid[:2] for name, grid in SWEEP.items()}
-DIFFUSERS_FBC = [0.02, 0.05, 0.1, 0.2]
+DIFFUSERS_FBC = [0.03, 0.05, 0.08, 0.12]
 
 
 @dataclass
@@ -57,15 +59,16 @@ class Method:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=50, help="denoising steps (DDIM)")
     parser.add_argument("--batch", type=int, default=32, help="images per run (CFG doubles the transformer batch)")
-    parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+    parser.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per configuration; the fastest counts")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed (uncached, cached) pairs per configuration; the fastest of each counts")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 gives stable timings on a shared CPU)")
     parser.add_argument("--policies", default=",".join(SWEEP), help="comma-separated policies to sweep")
     parser.add_argument("--quick", action="store_true", help="two settings per policy, fewer baselines")
     parser.add_argument("--no-external", action="store_true", help="skip diffusers FirstBlockCache and cache-dit")
     parser.add_argument("--weights", default=None, help="trained DiT safetensors (default: the shipped one)")
-    parser.add_argument("--output", default="eval/results/dit_bench.json", help="JSON path; the PNG goes beside it")
+    parser.add_argument("--output", default="eval/dit/results/dit_bench.json", help="JSON path; the PNG goes beside it")
 
 
 def _block_counter(model: torch.nn.Module) -> tuple[list[int], list[Any]]:
@@ -78,10 +81,17 @@ def _block_counter(model: torch.nn.Module) -> tuple[list[int], list[Any]]:
     return count, handles
 
 
+def _family(name: str, params: dict[str, Any]) -> str:
+    """Curve label: the policy name plus its non-default variant switches."""
+    tags = [str(params[k]) for k in ("mode", "reuse", "importance") if k in params and params[k] not in ("block", "output", "change")]
+    return "-".join([name, *tags])
+
+
 def _our_method(name: str, params: dict[str, Any]) -> Method:
     from engine_adapters.diffusers import cache_stats, disable_cache, enable_cache
 
-    return Method(name, params, lambda m: enable_cache(m, name, **params), disable_cache, cache_stats)
+    shown = {k: (Path(v).name if k == "predictor" else v) for k, v in params.items() if k != "coefficients"}
+    return Method(_family(name, params), shown, lambda m: enable_cache(m, name, **params), disable_cache, cache_stats)
 
 
 def _diffusers_fbc(threshold: float) -> Method:
@@ -128,7 +138,15 @@ def run(args: argparse.Namespace) -> int:
     unknown = sorted(set(names) - set(SWEEP))
     if unknown:
         raise SystemExit(f"unknown policies {unknown}; choose from {', '.join(SWEEP)}")
-    sweep = QUICK_SWEEP if args.quick else SWEEP
+    sweep = {n: [dict(p) for p in grid] for n, grid in (QUICK_SWEEP if args.quick else SWEEP).items()}
+    calibration = digits.WEIGHTS_DIR / "digits_teacache.json"
+    if calibration.exists():  # TeaCache with the polynomial fitted by `kvcache teacache-calibrate`
+        coefficients = json.loads(calibration.read_text())["coefficients"]
+        for params in sweep["teacache"]:
+            params["coefficients"] = coefficients
+    predictor = digits.WEIGHTS_DIR / "token_predictor.safetensors"
+    if predictor.exists():  # TokenCache with the trained cache predictor beside the training-free one
+        sweep["tokencache"] += [{**p, "importance": "predictor", "predictor": str(predictor)} for p in sweep["tokencache"]]
     methods = [_our_method(n, p) for n in names for p in sweep[n]]
     external_errors: dict[str, str] = {}
     if not args.no_external:
@@ -145,43 +163,46 @@ def run(args: argparse.Namespace) -> int:
     count, handles = _block_counter(model)
     total_blocks = args.steps * len(model.transformer_blocks)
 
-    def timed(method: Method | None = None) -> tuple[torch.Tensor, float, int, float | None]:
-        best, out, blocks, own = math.inf, None, 0, None
-        for _ in range(args.repeats):
-            _reset_external(model)
-            count[0] = 0
-            start = time.perf_counter()
-            out = digits.sample(model, labels, steps=args.steps, guidance=args.guidance, seed=args.seed)
-            best = min(best, time.perf_counter() - start)
-            blocks = count[0]
-            if method is not None and method.stats is not None:
-                own = method.stats(model)["fraction_skipped"]
-        return (out + 1) / 2, best, blocks, own  # type: ignore[operator]
+    def once() -> tuple[torch.Tensor, float, int]:
+        _reset_external(model)
+        count[0] = 0
+        start = time.perf_counter()
+        out = digits.sample(model, labels, steps=args.steps, guidance=args.guidance, seed=args.seed)
+        return (out + 1) / 2, time.perf_counter() - start, count[0]
 
     digits.sample(model, labels[:2], steps=3, guidance=args.guidance)  # warm up
-    reference, base_time, base_blocks, _ = timed()
-    results: list[dict[str, Any]] = [{"family": "uncached", "params": {}, "seconds": base_time, "speedup": 1.0,
-                                      "blocks_called": base_blocks, "fraction_skipped": 0.0, "block_reduction": 1.0,
-                                      "psnr": math.inf, "ssim": 1.0, "mse": 0.0}]
+    reference, _, base_blocks = once()
+    base_all: list[float] = []
+    results: list[dict[str, Any]] = []
     for method in tqdm(methods, desc="dit-bench", unit="config"):
+        # Paired timing: an uncached run right before each cached run; the fastest of each counts.
+        base_times, times, own, images, blocks = [], [], None, reference, 0
         try:
-            method.attach(model)
-            images, seconds, blocks, own = timed(method)
+            for _ in range(args.repeats):
+                base_times.append(once()[1])
+                method.attach(model)
+                try:
+                    images, seconds, blocks = once()
+                    times.append(seconds)
+                    own = method.stats(model)["fraction_skipped"] if method.stats is not None else None
+                finally:
+                    method.detach(model)
         except Exception as err:  # an external library that does not accept this model
             external_errors[method.family] = f"{type(err).__name__}: {err}"
             continue
-        finally:
-            try:
-                method.detach(model)
-            except Exception:
-                pass
+        base_all += base_times
         q = quality(images, reference)
         # Blocks that ran (counted by the pre-hook); a token-level partial block runs but counts fractionally
         # in the policy's own statistics, which are used where the method has them.
         skipped = own if own is not None else 1.0 - blocks / base_blocks
-        results.append({"family": method.family, "params": method.params, "seconds": seconds,
-                        "speedup": base_time / seconds, "blocks_called": blocks, "fraction_skipped": skipped,
+        results.append({"family": method.family, "params": method.params, "seconds": min(times),
+                        "uncached_seconds": min(base_times), "speedup": min(base_times) / min(times),
+                        "blocks_called": blocks, "fraction_skipped": skipped,
                         "block_reduction": 1.0 / max(1.0 - skipped, 1e-9), **q})
+    results.insert(0, {"family": "uncached", "params": {}, "seconds": min(base_all, default=math.nan),
+                       "uncached_seconds": min(base_all, default=math.nan), "speedup": 1.0,
+                       "blocks_called": base_blocks, "fraction_skipped": 0.0, "block_reduction": 1.0,
+                       "psnr": math.inf, "ssim": 1.0, "mse": 0.0})
     for h in handles:
         h.remove()
 
@@ -208,11 +229,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_table(results: list[dict[str, Any]]) -> None:
-    print(f"{'method':<14} {'params':<42} {'speedup':>7} {'skipped':>7} {'PSNR':>7} {'SSIM':>6}")
+    print(f"{'method':<24} {'params':<58} {'speedup':>7} {'blocks':>6} {'skipped':>7} {'PSNR':>7} {'SSIM':>6}")
     for r in results:
         params = ",".join(f"{k}={v}" for k, v in r["params"].items())
-        print(f"{r['family']:<14} {params:<42} {r['speedup']:>6.2f}x {r['fraction_skipped']:>7.1%} "
-              f"{r['psnr']:>7.2f} {r['ssim']:>6.3f}")
+        print(f"{r['family']:<24} {params:<58} {r['speedup']:>6.2f}x {r['block_reduction']:>5.2f}x "
+              f"{r['fraction_skipped']:>7.1%} {r['psnr']:>7.2f} {r['ssim']:>6.3f}")
 
 
 def _plot(results: list[dict[str, Any]], path: Path, machine: str) -> None:

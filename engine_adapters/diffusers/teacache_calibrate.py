@@ -51,7 +51,21 @@ def record_pairs(transformer: torch.nn.Module, run: Callable[[], Any]) -> list[t
         pending.clear()
         state["o"] = out.detach()
 
-    handles = [first.register_forward_pre_hook(pre_hook, with_kwargs=True), last.register_forward_hook(post_hook)]
+    t_access = ArgAccess(transformer.forward)
+    last_t: list[float | None] = [None]
+
+    def new_request_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        t = t_access.get("timestep", args, kwargs)
+        t = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else (float(t) if t is not None else None)
+        if t is not None and last_t[0] is not None and t > last_t[0]:  # the timestep went up: a new run
+            state["m"] = state["o"] = None
+        last_t[0] = t
+
+    handles = [
+        transformer.register_forward_pre_hook(new_request_hook, with_kwargs=True),
+        first.register_forward_pre_hook(pre_hook, with_kwargs=True),
+        last.register_forward_hook(post_hook),
+    ]
     try:
         with torch.no_grad():
             run()
@@ -74,7 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--degree", type=int, default=4)
-    parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument("--guidance", type=float, default=1.5)
     parser.add_argument("--output", default="eval/dit/weights/digits_teacache.json", help="where to write the fit")
 
 

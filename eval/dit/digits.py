@@ -95,7 +95,7 @@ def sample(
     model: torch.nn.Module,
     labels: torch.Tensor,
     steps: int = 50,
-    guidance: float = 3.0,
+    guidance: float = 1.5,
     seed: int = 0,
     scheduler: Any = None,
     size: int = 16,

@@ -10,7 +10,8 @@ the spatial and temporal blocks of a video DiT never share them; ``mode="prefix"
 code's variant) reuses only the longest reusable prefix of the blocks of each kind.
 
 Defaults: ``warmup=8``, ``interval=2``, ``threshold`` (lambda) ``=1.0`` (the paper uses 0.5 for Latte and
-CogVideoX). Substitute: the cached output.
+CogVideoX), ``mode="block"``. Substitute: the cached output (``reuse="output"``, the paper) or the block
+input plus its cached residual (``reuse="residual"``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from kvcache.feature.base import (
     Decider,
     FeaturePolicy,
     ReuseOutput,
+    ReuseResidual,
     Signal,
     StepInfo,
     Substitute,
@@ -71,15 +73,17 @@ class Foresight(FeaturePolicy):
     interval: int = param(2, "R: after warmup, steps k with k % R == 0 recompute every block")
     threshold: float = param(1.0, "lambda: tau_l = lambda * warmup MSE of block l (0 = never reuse)")
     mode: str = param("block", "'block': per-block decision (paper); 'prefix': longest reusable prefix (released code)")
+    reuse: str = param("output", "'output': reuse the cached output C_l (paper); 'residual': input + cached out-in")
 
     def __post_init__(self) -> None:
         check_int("foresight warmup", self.warmup, 2)
         check_int("foresight interval", self.interval, 1)
         check_float("foresight threshold", self.threshold, 0.0)
         check_choice("foresight mode", self.mode, ("block", "prefix"))
+        check_choice("foresight reuse", self.reuse, ("output", "residual"))
 
     def make_decider(self) -> Decider:
         return ForesightDecider(self.warmup, self.interval, self.threshold, self.mode == "prefix")
 
     def make_substitute(self) -> Substitute:
-        return ReuseOutput()
+        return ReuseOutput() if self.reuse == "output" else ReuseResidual()
