@@ -20,6 +20,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "teacache-calibrate": ("engine_adapters.diffusers.teacache_calibrate", "fit TeaCache's rescaling polynomial for a DiT from a few uncached runs"),
     "serve": ("engine_adapters.vllm.launcher", "vLLM's OpenAI-compatible server with --kv-policy/--kv-budget (needs kvcache[vllm])"),
     "eval": ("eval.lm_eval_cli", "lm-eval-harness with --model kvcache and the kvlong tasks (every lm-eval option)"),
+    "sweep": ("eval.sweep", "accuracy vs KV budget on the kvlong suite: policies x budgets, JSON table + PNG plots"),
+    "fidelity": ("eval.fidelity", "long-text perplexity and ROUGE-L vs the full cache's output, per policy and budget"),
+    "bench": ("eval.bench", "decode tokens/s, TTFT, KV bytes and peak memory of a policy vs the full cache"),
     "quant-bench": ("eval.quant_bench", "bytes, round-trip error and CPU attention speed of the KV quantisation codecs"),
 }
 

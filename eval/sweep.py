@@ -1,0 +1,209 @@
+"""``kvcache sweep``: accuracy vs KV budget on the kvlong suite, policies x budgets (x layer budgets).
+
+    kvcache sweep --model smollm2-135m --policies keyformer snapkv h2o streaming \\
+        --budgets 0.25 0.5 --tasks kvlong_1k --limit 4 --out results/sweep_smollm2
+
+Answers "how much accuracy do I keep at this budget?". The model is loaded once; every configuration is
+one lm-eval run of the ``kvcache`` lm-eval model (the full cache is the ``full`` policy in the same run,
+and is the reference line of every plot). Writes ``sweep.json`` (a row per configuration and task, plus
+each configuration's mean and its ratio to the full cache) after every configuration, so an interrupted
+sweep resumes where it stopped, and ``accuracy_vs_budget.png`` (one panel per task and one for the suite
+mean; one line per policy x layer budget; the full cache dashed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_POLICIES = ["keyformer", "snapkv", "h2o", "streaming"]
+DEFAULT_BUDGETS = [0.125, 0.25, 0.5, 0.75]
+
+
+def machine() -> dict[str, Any]:
+    import os
+
+    import torch
+
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="embedded model name or local HF folder")
+    p.add_argument("--policies", nargs="+", default=DEFAULT_POLICIES, help="evict policies (or name:key=value specs)")
+    p.add_argument("--budgets", nargs="+", type=float, default=DEFAULT_BUDGETS, help="KV budgets as fractions of the prompt")
+    p.add_argument("--layer-budgets", nargs="+", default=["uniform"], help="budget policies (uniform pyramid cake)")
+    p.add_argument("--tasks", default="kvlong_1k", help="comma-separated lm-eval tasks or groups (kvlong, kvlong_2k, ...)")
+    p.add_argument("--limit", type=int, default=None, help="samples per task (default: all 16)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--no-chat-template", action="store_true", help="plain prompts instead of the model's chat template")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", type=Path, default=Path("results/sweep"), help="folder for sweep.json and the PNG")
+    p.add_argument("--fresh", action="store_true", help="ignore an existing sweep.json instead of resuming it")
+    p.add_argument("--plot-only", action="store_true", help="only redraw the plot from sweep.json")
+
+
+def _task_scores(results: dict) -> dict[str, dict[str, float]]:
+    scores = {}
+    for task, metrics in results["results"].items():
+        if "score,none" in metrics and task.startswith("kvlong_") and task.count("_") >= 2:
+            n = results.get("n-samples", {}).get(task, {}).get("effective")
+            scores[task] = {"score": float(metrics["score,none"]), "n": n}
+    return scores
+
+
+def summarise(data: dict) -> None:
+    """Add each configuration's suite mean and its ratio to the full cache's mean."""
+    full = next((c for c in data["configs"] if c["policy"] == "full"), None)
+    for c in data["configs"]:
+        vals = [v["score"] for v in c["tasks"].values()]
+        c["mean"] = sum(vals) / len(vals) if vals else None
+    if full is not None and full["mean"]:
+        for c in data["configs"]:
+            c["ratio_to_full"] = c["mean"] / full["mean"] if c["mean"] is not None else None
+
+
+def run_sweep(args: argparse.Namespace) -> dict:
+    import torch
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+    from tqdm import tqdm
+
+    from engine_adapters.hf import load_model
+    from eval.lm_eval_model import KVCacheLM, parse_budget
+
+    out_json = args.out / "sweep.json"
+    budgets = [parse_budget(b) for b in args.budgets]
+    configs = [("full", 1.0, "uniform")] + [(p, b, lb) for lb in args.layer_budgets for p in args.policies for b in budgets]
+    data: dict[str, Any] = {
+        "model": args.model, "tasks": args.tasks, "limit": args.limit, "batch_size": args.batch_size,
+        "chat_template": not args.no_chat_template, "device": args.device, "machine": machine(), "configs": [],
+    }
+    if out_json.exists() and not args.fresh:
+        old = json.loads(out_json.read_text())
+        if (old.get("model"), old.get("tasks"), old.get("limit"), old.get("chat_template")) == (
+            data["model"], data["tasks"], data["limit"], data["chat_template"]
+        ):
+            data["configs"] = old["configs"]
+    done = {(c["policy"], c["budget"], c["layer_budget"]) for c in data["configs"]}
+    todo = [c for c in configs if c not in done]
+    args.out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_model(args.model, dtype=torch.float32, device=args.device)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    manager = TaskManager(include_path=str(Path(__file__).resolve().parent / "tasks"))
+    bar = tqdm(total=len(configs), initial=len(configs) - len(todo), desc="sweep", unit="config")
+    for policy, budget, layer_budget in todo:
+        bar.set_postfix_str(f"{policy} {budget} {layer_budget}")
+        lm = KVCacheLM(pretrained=model, tokenizer=tokenizer, device=args.device, batch_size=args.batch_size,
+                       kv_policy=policy, kv_budget=budget, kv_layer_budget=layer_budget)
+        start = time.perf_counter()
+        try:
+            res = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=args.limit,
+                                  apply_chat_template=not args.no_chat_template, bootstrap_iters=0,
+                                  random_seed=0, numpy_random_seed=0, torch_random_seed=0, verbosity="WARNING")
+        finally:
+            lm.close()
+        kept = [s["kept_tokens_per_layer"] for s in lm.kv_stats if s.get("kept_tokens_per_layer")]
+        data["configs"].append({
+            "policy": policy, "budget": budget, "layer_budget": layer_budget, "tasks": _task_scores(res),
+            "seconds": round(time.perf_counter() - start, 1),
+            "mean_kv_bytes": (sum(s["kv_bytes"] for s in lm.kv_stats) / len(lm.kv_stats)) if lm.kv_stats else None,
+            "requests": len(kept),
+        })
+        summarise(data)
+        out_json.write_text(json.dumps(data, indent=1))
+        bar.update(1)
+    bar.close()
+    return data
+
+
+def plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = data["configs"]
+    tasks = sorted({t for c in configs for t in c["tasks"]})
+    panels = tasks + ["suite mean"]
+    cols = min(4, len(panels))
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
+    full = next((c for c in configs if c["policy"] == "full"), None)
+    lines = sorted({(c["policy"], c["layer_budget"]) for c in configs if c["policy"] != "full"})
+    for ax, panel in zip(axes.flat, panels):
+        def value(c):
+            return c["mean"] if panel == "suite mean" else c["tasks"].get(panel, {}).get("score")
+
+        for policy, lb in lines:
+            pts = sorted((c["budget"], value(c)) for c in configs if (c["policy"], c["layer_budget"]) == (policy, lb) and value(c) is not None)
+            if pts:
+                label = policy if len(data.get("layer_budgets", [lb])) <= 1 and lb == "uniform" else f"{policy}+{lb}"
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        if full is not None and value(full) is not None:
+            ax.axhline(value(full), color="black", linestyle="--", label="full cache")
+        ax.set_title(panel, fontsize=10)
+        ax.set_xlabel("KV budget (fraction of prompt)")
+        ax.set_ylabel("score")
+        ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), frameon=False)
+    n = data.get("limit")
+    fig.suptitle(f"kvlong accuracy vs KV budget - {data['model']} ({data['tasks']}, {n or 'all'} samples/task)")
+    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown_table(data: dict) -> str:
+    configs = data["configs"]
+    tasks = sorted({t for c in configs for t in c["tasks"]})
+    short = [t.replace("kvlong_", "") for t in tasks]
+    head = "| policy | layer budget | budget | " + " | ".join(short) + " | mean | vs full |"
+    sep = "|" + "---|" * (len(tasks) + 5)
+    rows = [head, sep]
+    for c in sorted(configs, key=lambda c: (c["policy"] != "full", c["policy"], c["layer_budget"], c["budget"])):
+        cells = [f"{c['tasks'][t]['score']:.2f}" if t in c["tasks"] else "" for t in tasks]
+        ratio = c.get("ratio_to_full")
+        rows.append(f"| {c['policy']} | {c['layer_budget']} | {c['budget']} | " + " | ".join(cells)
+                    + f" | {c['mean']:.3f} | {'' if ratio is None else f'{100 * ratio:.0f}%'} |")
+    return "\n".join(rows)
+
+
+def run(args: argparse.Namespace) -> int:
+    from engine_adapters.hf import resolve_model
+
+    if any(not 0 < b <= 1 for b in args.budgets):
+        raise SystemExit("kvcache sweep: --budgets are fractions in (0, 1]")
+    try:
+        resolve_model(args.model)
+    except FileNotFoundError as err:
+        raise SystemExit(f"kvcache sweep: {err}") from None
+    import kvcache
+
+    for p in args.policies:
+        kvcache.create("evict", p)  # clear error for a bad name before any work
+    for lb in args.layer_budgets:
+        kvcache.create("budget", lb)
+    if args.plot_only:
+        data = json.loads((args.out / "sweep.json").read_text())
+    else:
+        data = run_sweep(args)
+    data["layer_budgets"] = args.layer_budgets
+    plot(data, args.out / "accuracy_vs_budget.png")
+    table = markdown_table(data)
+    (args.out / "table.md").write_text(table + "\n")
+    print(table)
+    print(f"wrote {args.out / 'sweep.json'}, {args.out / 'accuracy_vs_budget.png'}, {args.out / 'table.md'}")
+    return 0
