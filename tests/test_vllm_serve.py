@@ -94,7 +94,7 @@ def test_long_context_retrieval_over_openai_api(server):
 
 def test_32_concurrent_requests_complete(server):
     port, _ = server
-    prompt = retrieval_prompt(20)
+    prompt = retrieval_prompt(4)
 
     def one(i: int) -> dict:
         return post(port, "/v1/completions", {"model": "smollm2-135m", "prompt": f"[{i}] " + prompt, "max_tokens": 6, "temperature": 0})

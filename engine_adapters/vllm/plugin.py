@@ -197,10 +197,15 @@ def check_vllm_config(vllm_config: Any) -> None:
         problems.append(f"runner {model_config.runner_type!r} (only text generation)")
     if model_config.is_multimodal_model:
         problems.append("multimodal models")
-    if vllm_config.device_config.device_type != "cpu" and getattr(vllm_config, "use_v2_model_runner", False):
+    if vllm_config.device_config.device_type != "cpu":
+        if getattr(vllm_config, "use_v2_model_runner", False):
+            problems.append(
+                "vLLM's V2 model runner (the GPU default in 0.32): set VLLM_USE_V2_MODEL_RUNNER=0 to use the V1 "
+                "runner the plugin hooks into"
+            )
         problems.append(
-            "vLLM's V2 model runner (the GPU default in 0.32): set VLLM_USE_V2_MODEL_RUNNER=0 to use the V1 runner "
-            "the plugin hooks into"
+            f"device {vllm_config.device_config.device_type!r}: query capture and the KV tile layout are implemented "
+            "for vLLM's CPU attention backend (CPU_ATTN) only so far; on GPU use the Hugging Face adapter"
         )
     if vllm_config.scheduler_config.async_scheduling:
         problems.append("async scheduling (pass --no-async-scheduling)")
