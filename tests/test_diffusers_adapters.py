@@ -9,6 +9,7 @@ import torch
 pytest.importorskip("diffusers")
 
 import kvcache  # noqa: E402
+from kvcache.feature import EXACT_SETTINGS  # noqa: E402
 from engine_adapters.diffusers import (  # noqa: E402
     SUPPORTED_MODELS,
     UnsupportedModelError,
@@ -28,14 +29,7 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-OFF = {
-    "foresight": {"warmup": 2, "interval": 2, "threshold": 0.0},
-    "static": {"interval": 1},
-    "taylorseer": {"interval": 1},
-    "first-block": {"threshold": 0.0},
-    "teacache": {"threshold": 0.0},
-    "tokencache": {"k1": 1, "k2": 1},
-}
+OFF = {**EXACT_SETTINGS, "foresight": {"warmup": 2, "interval": 2, "threshold": 0.0}}
 ON = {
     "foresight": {"warmup": 2, "interval": 3, "threshold": 100.0},
     "static": {"interval": 2},

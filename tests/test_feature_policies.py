@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import kvcache
+from kvcache.feature import EXACT_SETTINGS
 from kvcache.feature.base import FeatureCache, TaylorForecast
 from kvcache.registry import PolicyConfigError
 
@@ -20,14 +21,8 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-OFF_SETTINGS = {
-    "foresight": {"warmup": 3, "interval": 2, "threshold": 0.0},
-    "static": {"interval": 1},
-    "taylorseer": {"interval": 1, "order": 2},
-    "first-block": {"threshold": 0.0},
-    "teacache": {"threshold": 0.0},
-    "tokencache": {"k1": 1, "k2": 1},
-}
+OFF_SETTINGS = {**EXACT_SETTINGS, "foresight": {"warmup": 3, "interval": 2, "threshold": 0.0},
+                "taylorseer": {"interval": 1, "order": 2}}
 ON_SETTINGS = {
     "foresight": {"warmup": 3, "interval": 3, "threshold": 2.0},
     "static": {"interval": 3},
