@@ -256,7 +256,7 @@ class WorkerKV:
             protected = protected_slots(
                 key_index[None], torch.zeros(1, dtype=torch.long), torch.tensor([c.logical]), c.sinks, c.recent
             )
-            keep, _ = select_keep(scores, obs.key_valid, protected, torch.tensor([c.target]), c.target)
+            keep, _ = select_keep(scores, obs.key_valid, protected, torch.tensor([c.target]), c.target, key_index[None])
             keep = keep[0]  # [H, C]
             gather = keep[..., None].expand(-1, -1, keys.shape[-1])
             write_tokens(kv_cache, layout, block_ids, keys.gather(1, gather), values.gather(1, gather))
