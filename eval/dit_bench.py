@@ -222,7 +222,8 @@ def run(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=float) + "\n")
     png = out.with_suffix(".png")
-    _plot(results, png, report["machine"]["processor"])
+    m = report["machine"]
+    _plot(results, png, f"{m['processor']}, {m['cpu_count']} cores, {args.threads} torch thread(s)")
     _print_table(results)
     print(f"wrote {out} and {png}")
     return 0
@@ -245,18 +246,23 @@ def _plot(results: list[dict[str, Any]], path: Path, machine: str) -> None:
     except ImportError:
         print("matplotlib is not installed: no PNG written")
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
     families = sorted({r["family"] for r in results if r["family"] != "uncached"})
-    for family in families:
-        pts = sorted((r["speedup"], r["psnr"]) for r in results if r["family"] == family and math.isfinite(r["psnr"]))
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=family)
-    ax.axhline(30, color="grey", linestyle=":", linewidth=1)
-    ax.set_xlabel("wall-clock speedup vs uncached (same run)")
-    ax.set_ylabel("PSNR vs uncached output (dB)")
-    ax.set_title(f"DiT feature caching on the digits DiT ({machine})", fontsize=9)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    colors = plt.get_cmap("tab20")(range(len(families)))
+    markers = "osD^v<>pPX*h"
+    for ax, key, label in ((axes[0], "speedup", "wall-clock speedup vs uncached (paired, same run)"),
+                           (axes[1], "block_reduction", "block computations: uncached / cached")):
+        for n, family in enumerate(families):
+            pts = sorted((r[key], r["psnr"]) for r in results if r["family"] == family and math.isfinite(r["psnr"]))
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[n % len(markers)],
+                        color=colors[n], label=family)
+        ax.axhline(30, color="grey", linestyle=":", linewidth=1)
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("PSNR vs uncached output (dB)")
+    axes[1].legend(fontsize=7, loc="upper right")
+    fig.suptitle(f"DiT feature caching on the trained digits DiT ({machine})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
