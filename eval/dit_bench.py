@@ -39,7 +39,12 @@ SWEEP: dict[str, list[dict[str, Any]]] = {
     "taylorseer": [{"interval": 3, "order": 1}, {"interval": 4, "order": 1}, {"interval": 4, "order": 2}, {"interval": 6, "order": 2}],
     "first-block": [{"threshold": 0.03}, {"threshold": 0.05}, {"threshold": 0.08}, {"threshold": 0.12}],
     "teacache": [{"threshold": 0.05}, {"threshold": 0.1}, {"threshold": 0.2}, {"threshold": 0.3}],
-    "tokencache": [{"k1": 2, "k2": 3, "ratio": 0.5}, {"k1": 3, "k2": 4, "ratio": 0.75, "blocks": 0.75}],
+    "tokencache": [
+        {"k1": 2, "k2": 3, "ratio": 0.5},
+        {"k1": 3, "k2": 4, "ratio": 0.75, "blocks": 0.75},
+        {"k1": 2, "k2": 3, "ratio": 0.5, "importance": "attention"},
+        {"k1": 3, "k2": 4, "ratio": 0.75, "blocks": 0.75, "importance": "attention"},
+    ],
 }
 QUICK_SWEEP: dict[str, list[dict[str, Any]]] = {name: grid[:2] for name, grid in SWEEP.items()}
 DIFFUSERS_FBC = [0.03, 0.05, 0.08, 0.12]
@@ -146,7 +151,8 @@ def run(args: argparse.Namespace) -> int:
             params["coefficients"] = coefficients
     predictor = digits.WEIGHTS_DIR / "token_predictor.safetensors"
     if predictor.exists():  # TokenCache with the trained cache predictor beside the training-free one
-        sweep["tokencache"] += [{**p, "importance": "predictor", "predictor": str(predictor)} for p in sweep["tokencache"]]
+        sweep["tokencache"] += [{**p, "importance": "predictor", "predictor": str(predictor)}
+                                for p in sweep["tokencache"] if "importance" not in p]
     methods = [_our_method(n, p) for n in names for p in sweep[n]]
     external_errors: dict[str, str] = {}
     if not args.no_external:

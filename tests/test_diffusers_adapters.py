@@ -82,6 +82,22 @@ def test_every_policy_off_is_exact_and_on_skips(arch: str) -> None:
     assert all("forward" not in block.__dict__ for block in pipe.transformer.modules())
 
 
+@pytest.mark.parametrize("arch", ["DiTTransformer2DModel", "CogVideoXTransformer3DModel"])
+def test_tokencache_attention_importance(arch: str) -> None:
+    pipe, kwargs = _pipe(arch)
+    ref = _run(pipe, kwargs)
+    enable_cache(pipe, "tokencache", importance="attention", k1=1, k2=1)
+    assert np.array_equal(_run(pipe, kwargs), ref)
+    enable_cache(pipe, "tokencache", importance="attention", **ON["tokencache"])
+    out = _run(pipe, kwargs)
+    controller = pipe.transformer.__dict__["_kvcache_feature_cache"]
+    scores = [s for c in controller.caches.values() for s in c.token_scores.values()]
+    assert scores and all(torch.isclose(s.sum(), torch.tensor(1.0), atol=1e-4) for s in scores)
+    assert cache_stats(pipe)["skipped"] > 0 and np.isfinite(out).all() and not np.array_equal(out, ref)
+    disable_cache(pipe)
+    assert all(not block.attn1._forward_pre_hooks for block in pipe.transformer.transformer_blocks)
+
+
 def test_state_resets_between_calls_with_different_step_counts() -> None:
     pipe, kwargs = _pipe("PixArtTransformer2DModel")
     enable_cache(pipe, "foresight", warmup=2, interval=3, threshold=1.0)

@@ -68,7 +68,9 @@ class _Controller:
         self.prev_call_t: float | None = None
         self.call_branch = 0
         self.num_steps: int | None = None
+        self.full_index: int | None = None  # block being computed in full right now (for attention scores)
         self._installed: list[tuple[Any, str]] = []
+        self._handles: list[Any] = []
 
     # ------------------------------------------------------------------ install / remove
     def _patch(self, owner: Any, name: str, value: Any) -> None:
@@ -82,10 +84,37 @@ class _Controller:
             self._patch(block, "forward", self._wrap_block(index, block, block.forward))
         if hasattr(t, "cache_context"):
             self._patch(t, "cache_context", self._wrap_context(t.cache_context))
+        if getattr(self.policy, "wants_attention", False):
+            for index, (block, _) in enumerate(self.blocks):
+                attn = getattr(block, "attn1", None)
+                if attn is not None and hasattr(attn, "to_q") and hasattr(attn, "to_k"):
+                    self._handles.append(attn.register_forward_pre_hook(self._attention_hook(index), with_kwargs=True))
         if self.scheduler is not None and hasattr(self.scheduler, "set_timesteps"):
             self._patch(self.scheduler, "set_timesteps", self._wrap_set_timesteps(self.scheduler.set_timesteps))
 
+    def _attention_hook(self, index: int) -> Any:
+        """Pre-hook on a block's self-attention: on full computations, record the attention each token receives."""
+
+        def hook(attn: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            cache = self.current
+            if cache is None or self.full_index != index:
+                return
+            x = kwargs.get("hidden_states", args[0] if args else None)
+            if not isinstance(x, torch.Tensor) or x.ndim != 3:
+                return
+            heads = getattr(attn, "heads", 1)
+            b, n, _ = x.shape
+            q = attn.to_q(x).view(b, n, heads, -1).transpose(1, 2)
+            k = attn.to_k(x).view(b, n, heads, -1).transpose(1, 2)
+            probs = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
+            cache.token_scores[index] = probs.float().mean(dim=(0, 1, 2))
+
+        return hook
+
     def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
         for owner, name in reversed(self._installed):
             try:
                 delattr(owner, name)
@@ -192,7 +221,11 @@ class _Controller:
 
             def compute(inp: Tensors, tokens: torch.Tensor | None) -> Tensors:
                 if tokens is None:
-                    return to_tuple(original(*args, **kwargs))
+                    self.full_index = index
+                    try:
+                        return to_tuple(original(*args, **kwargs))
+                    finally:
+                        self.full_index = None
                 if not contract.token_level:
                     raise NotImplementedError(
                         f"token-level caching is not supported for {type(self.transformer).__name__}; "

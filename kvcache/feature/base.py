@@ -220,6 +220,7 @@ class FeaturePolicy:
     """Mixin of registered ``feature`` policies: each builds a fresh decider and substitute per branch."""
 
     token_level = False  # True when the decider may ask for token-level partial computation
+    wants_attention = False  # True when the engine should fill FeatureCache.token_scores on full computations
 
     def make_decider(self) -> Decider:
         raise NotImplementedError
@@ -249,6 +250,9 @@ class FeatureCache:
         self.last_inputs: list[Tensors | None] = [None] * n
         self.computed = 0.0
         self.skipped = 0.0
+        # per block: attention each token received at its last full computation (engines fill it when
+        # the policy sets ``wants_attention``), shape [N]
+        self.token_scores: dict[int, torch.Tensor] = {}
         self.decider = policy.make_decider()
         self.substitute = policy.make_substitute()
         self.decider.bind(self)

@@ -8,9 +8,11 @@ impact are pruned: only their ``1 - ratio`` most important tokens are recomputed
 through the unchanged block) and the other tokens reuse the cached output; the other blocks are
 computed in full. Temporal blocks of video DiTs are never pruned.
 
-Token importance: ``importance="change"`` (training-free) scores token ``t`` by how much the block's
-input moved since the block was last computed, ``mean_{b,c} (x_t - x'_t)^2``; ``"predictor"`` uses the
-trained cache predictor loaded from ``predictor`` (see :mod:`kvcache.feature.token_predictor`).
+Token importance (training-free): ``importance="attention"`` scores token ``t`` by the attention it
+received (mean over batch, heads and queries of the block's self-attention) at the block's last full
+computation, filled in by the engine adapter; ``"change"`` by how much the block's input moved since the
+block was last computed, ``mean_{b,c} (x_t - x'_t)^2``. Trained: ``"predictor"`` uses the cache
+predictor loaded from ``predictor`` (see :mod:`kvcache.feature.token_predictor`).
 Defaults: ``k1=2``, ``k2=3``, ``split=0.5``, ``ratio=0.5``, ``blocks=0.5``.
 """
 
@@ -66,8 +68,11 @@ class TokenCacheDecider(Decider):
             return True
         tokens = inputs[0].shape[1]
         keep = max(1, math.ceil((1.0 - self.p.ratio) * tokens))
+        attention = self.cache.token_scores.get(index) if self.p.importance == "attention" else None
         if self.scorer is not None:
             score = self.scorer.score(inputs[0], before[0], self.info, index, self.cache.num_blocks)
+        elif attention is not None and attention.shape[0] == tokens:
+            score = attention
         else:
             score = (inputs[0].float() - before[0].float()).pow(2).mean(dim=(0, 2))
         return torch.topk(score, keep).indices.sort().values
@@ -90,7 +95,7 @@ class TokenCache(FeaturePolicy):
     split: float = param(0.5, "fraction of the steps in phase 1")
     ratio: float = param(0.5, "fraction of tokens reused (not recomputed) in a pruned block (0 = none)")
     blocks: float = param(0.5, "fraction of blocks pruned on cache steps, least impact first")
-    importance: str = param("change", "token importance: 'change' (training-free) or 'predictor' (trained)")
+    importance: str = param("change", "token importance: 'change' or 'attention' (training-free), 'predictor' (trained)")
     predictor: str = param("", "path of the trained cache predictor (.safetensors) for importance='predictor'")
 
     def __post_init__(self) -> None:
@@ -99,7 +104,8 @@ class TokenCache(FeaturePolicy):
         check_float("tokencache split", self.split, 0.0, 1.0)
         check_float("tokencache ratio", self.ratio, 0.0, 0.99)
         check_float("tokencache blocks", self.blocks, 0.0, 1.0)
-        check_choice("tokencache importance", self.importance, ("change", "predictor"))
+        check_choice("tokencache importance", self.importance, ("change", "attention", "predictor"))
+        self.wants_attention = self.importance == "attention"
         self._scorer = None
         if self.importance == "predictor":
             if not self.predictor:
