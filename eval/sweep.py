@@ -24,13 +24,13 @@ DEFAULT_POLICIES = ["keyformer", "snapkv", "h2o", "streaming"]
 DEFAULT_BUDGETS = [0.125, 0.25, 0.5, 0.75]
 
 
-def machine() -> dict[str, Any]:
+def machine(device: str = "cpu") -> dict[str, Any]:
     import os
 
     import torch
 
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "device": device}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

@@ -1,0 +1,85 @@
+"""kvcache sweep / bench / fidelity on a tiny random Llama: well-formed JSON, tables and PNGs (no timing asserted)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+pytest.importorskip("lm_eval")
+from test_eval_lm_eval import tiny_folder  # noqa: E402,F401  (fixture)
+
+from eval import bench, fidelity, sweep  # noqa: E402
+
+
+def _args(module, argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_sweep_writes_well_formed_json(tiny_folder, tmp_path):  # noqa: F811
+    out = tmp_path / "sweep"
+    args = _args(sweep, ["--model", str(tiny_folder), "--policies", "snapkv", "streaming", "--budgets", "0.5",
+                         "--tasks", "kvlong_passkey_1k,kvlong_qa_1k", "--limit", "2", "--batch-size", "2", "--out", str(out)])
+    assert sweep.run(args) == 0
+    data = json.loads((out / "sweep.json").read_text())
+    assert [(c["policy"], c["budget"]) for c in data["configs"]] == [("full", 1.0), ("snapkv", 0.5), ("streaming", 0.5)]
+    for c in data["configs"]:
+        assert set(c["tasks"]) == {"kvlong_passkey_1k", "kvlong_qa_1k"}
+        assert all(0.0 <= v["score"] <= 1.0 and v["n"] == 2 for v in c["tasks"].values())
+        assert c["mean"] == pytest.approx(sum(v["score"] for v in c["tasks"].values()) / 2)
+        assert c["requests"] == 2 and c["mean_kv_bytes"] > 0
+    full, snap = data["configs"][0], data["configs"][1]
+    assert snap["mean_kv_bytes"] < full["mean_kv_bytes"]  # measured from the cache tensors
+    assert (out / "accuracy_vs_budget.png").stat().st_size > 10_000
+    assert "| snapkv | uniform | 0.5 |" in (out / "table.md").read_text()
+    # resuming does no new work and keeps the rows
+    assert sweep.run(args) == 0
+    assert json.loads((out / "sweep.json").read_text())["configs"] == data["configs"]
+
+
+def test_sweep_rejects_bad_input(tiny_folder, tmp_path):  # noqa: F811
+    from kvcache.registry import PolicyConfigError
+
+    with pytest.raises(SystemExit, match="fractions"):
+        sweep.run(_args(sweep, ["--model", str(tiny_folder), "--budgets", "2", "--out", str(tmp_path)]))
+    with pytest.raises(PolicyConfigError, match="valid evict policies"):
+        sweep.run(_args(sweep, ["--model", str(tiny_folder), "--policies", "snapk", "--out", str(tmp_path)]))
+    with pytest.raises(SystemExit, match="never downloads"):
+        sweep.run(_args(sweep, ["--model", "nope/nope", "--out", str(tmp_path)]))
+
+
+def test_bench_writes_json_and_plot(tiny_folder, tmp_path):  # noqa: F811
+    out = tmp_path / "bench"
+    args = _args(bench, ["--model", str(tiny_folder), "--policy", "streaming", "--budget", "0.5", "--prompt-lengths", "48", "96",
+                         "--batch-sizes", "2", "--new-tokens", "3", "--out", str(out)])
+    assert bench.run(args) == 0
+    data = json.loads((out / "bench.json").read_text())
+    rows = data["rows"]
+    assert {(r["cache"], r["prompt_len"]) for r in rows} == {(c, n) for c in ("full", "streaming", "ratio") for n in (48, 96)}
+    for r in rows:
+        if r["cache"] == "ratio":
+            assert 0 < r["kv_bytes_ratio"] < 1 and r["decode_speedup"] > 0 and r["peak_mem_ratio"] > 0
+        else:
+            assert r["ttft_s"] > 0 and r["decode_tok_s"] > 0 and r["kv_bytes"] > 0 and r["peak_rss_bytes"] > 0
+    full = {r["prompt_len"]: r["kv_bytes"] for r in rows if r["cache"] == "full"}
+    # 2 layers x (K + V) x batch 2 x 2 kv heads x (prompt + 3 - 1 cached tokens) x 16 dims x 4 bytes
+    assert full[48] == 2 * 2 * 2 * 2 * (48 + 2) * 16 * 4
+    assert (out / "bench.png").stat().st_size > 10_000
+    with pytest.raises(SystemExit, match="new-tokens"):
+        bench.run(_args(bench, ["--model", str(tiny_folder), "--new-tokens", "1", "--out", str(out)]))
+
+
+def test_fidelity_writes_json(tiny_folder, tmp_path):  # noqa: F811
+    out = tmp_path / "fid"
+    args = _args(fidelity, ["--model", str(tiny_folder), "--policies", "streaming", "--budgets", "0.5", "1.0", "--docs", "1",
+                            "--prefix-tokens", "64", "--ppl-tokens", "9", "--chunk", "4", "--new-tokens", "4", "--out", str(out)])
+    assert fidelity.run(args) == 0
+    data = json.loads((out / "fidelity.json").read_text())
+    full, half, whole = data["configs"]
+    assert full["rougeL_vs_full"] == 1.0 and whole["rougeL_vs_full"] == 1.0  # budget 1.0 reproduces the full cache
+    assert whole["ppl"] == pytest.approx(full["ppl"], rel=1e-4)
+    assert half["ppl"] != pytest.approx(full["ppl"], rel=1e-4)
+    assert (out / "fidelity.png").exists()
