@@ -87,4 +87,5 @@ def test_launcher_parses_vllm_serve_arguments():
     args, _ = parse_serve_args(["/some/model", "--kv-policy", "snapkv", "--kv-budget", "0.25", "--port", "8123"])
     assert args.model_tag == "/some/model" and args.port == 8123
     assert args.kv_policy == "snapkv" and args.kv_budget == "0.25"
+    assert args.gpu_memory_utilization == 0.5  # CPU default of the launcher
     assert AsyncEngineArgs.from_cli_args(args).additional_config["kv_policy"] == "snapkv"

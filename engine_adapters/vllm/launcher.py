@@ -69,11 +69,27 @@ def resolve_model_tag(args: argparse.Namespace) -> None:
             args.served_model_name = [tag]
 
 
+# vLLM's CPU backend reserves gpu_memory_utilization (default 0.92) of the machine's memory and refuses to
+# start when less is free; on a shared CPU machine half of it is the practical default.
+CPU_MEMORY_UTILIZATION = "0.5"
+
+
 def parse_serve_args(argv: list[str]) -> tuple[argparse.Namespace, Any]:
     parser, command = build_serve_parser()
+    if not any(a.startswith("--gpu-memory-utilization") for a in argv) and _on_cpu():
+        argv = [*argv, "--gpu-memory-utilization", CPU_MEMORY_UTILIZATION]
     args = parser.parse_args(["serve", *argv])
     resolve_model_tag(args)
     return args, command
+
+
+def _on_cpu() -> bool:
+    try:
+        from vllm.platforms import current_platform
+
+        return current_platform.is_cpu()
+    except Exception:  # noqa: BLE001 - platform detection failing means "not known to be CPU"
+        return False
 
 
 def run(args: argparse.Namespace) -> int:

@@ -26,7 +26,7 @@ from typing import Any, Callable
 from engine_adapters.vllm import config as kvconfig
 from engine_adapters.vllm.config import KVPluginError
 
-logger = logging.getLogger("kvcache.vllm")
+logger = logging.getLogger("vllm.kvcache")  # under vLLM's handler once vLLM configured logging
 
 SCHEDULER_CLS = "engine_adapters.vllm.scheduler.KVCacheScheduler"
 FLAG_DEST = {

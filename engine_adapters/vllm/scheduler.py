@@ -26,7 +26,12 @@ from engine_adapters.vllm import config as kvconfig
 from engine_adapters.vllm.config import KVPluginError
 from engine_adapters.vllm.plan import Planner, StepPlan, attach, plan_of
 
-logger = logging.getLogger("kvcache.vllm")
+try:  # vLLM's handler and format ("vllm.*" loggers)
+    from vllm.logger import init_logger
+
+    logger = init_logger("vllm.kvcache")
+except ImportError:  # pragma: no cover - vLLM is always there when these run
+    logger = logging.getLogger("vllm.kvcache")
 
 
 class KVCacheScheduler(Scheduler):
@@ -139,3 +144,8 @@ class KVCacheScheduler(Scheduler):
             self.kv_stats["compactions"] += 1
             self.kv_stats["blocks_freed"] += len(tail)
             self.kv_stats["tokens_evicted"] += compaction.physical - compaction.target
+            if compaction.phase == "prefill":
+                logger.info(
+                    "kvcache: request %s: kept %d of %d tokens per layer and KV head, freed %d blocks",
+                    req_id, compaction.target, compaction.physical, len(tail),
+                )

@@ -32,7 +32,12 @@ from engine_adapters.vllm.plan import Compaction, StepPlan, plan_of
 from kvcache.evict.base import Observation
 from kvcache.selector import protected_slots, select_keep
 
-logger = logging.getLogger("kvcache.vllm")
+try:  # vLLM's handler and format ("vllm.*" loggers)
+    from vllm.logger import init_logger
+
+    logger = init_logger("vllm.kvcache")
+except ImportError:  # pragma: no cover - vLLM is always there when these run
+    logger = logging.getLogger("vllm.kvcache")
 
 # Set by the model runner around the forward pass: which query rows to copy, and where they go.
 _CAPTURE: dict[str, Any] | None = None
