@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("eval.lm_eval_cli", "lm-eval-harness with --model kvcache and the kvlong tasks (every lm-eval option)"),
     "sweep": ("eval.sweep", "accuracy vs KV budget on the kvlong suite: policies x budgets, JSON table + PNG plots"),
     "fidelity": ("eval.fidelity", "long-text perplexity and ROUGE-L vs the full cache's output, per policy and budget"),
+    "limit-bench": ("eval.limit_bench", "decode speed of a compressed cache of C tokens vs a full cache of C tokens"),
     "bench": ("eval.bench", "decode tokens/s, TTFT, KV bytes and peak memory of a policy vs the full cache"),
     "quant-bench": ("eval.quant_bench", "bytes, round-trip error and CPU attention speed of the KV quantisation codecs"),
 }

@@ -1,0 +1,114 @@
+"""``kvcache limit-bench``: does a compressed cache of C tokens decode as fast as a full cache of C tokens?
+
+That is the limit for any eviction policy. In one process, on the same natural-text prompts:
+
+* the full cache (plain transformers ``DynamicCache``) on prompts of ``C = budget * L`` tokens, and
+* each policy on prompts of ``L`` tokens compressed to ``budget`` (so it also holds C tokens per layer),
+
+each generating exactly ``--new-tokens`` tokens. Decode time per token is read from a logits processor
+that stamps every step (the prefill is excluded): ``(t_last - t_first) / (N - 1)``. The ratio
+policy / full is what matters; absolute times depend on the machine and its load. Writes JSON + PNG.
+
+    kvcache limit-bench --prompt-length 4096 --budget 0.25 --batch 4 --new-tokens 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from kvcache.models import DEFAULT_MODEL
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--policies", default="snapkv,keyformer,h2o,streaming")
+    parser.add_argument("--prompt-length", type=int, default=4096)
+    parser.add_argument("--budget", type=float, default=0.25, help="fraction of the prompt kept")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=1, help="runs per cache; the fastest decode is kept")
+    parser.add_argument("--out", type=Path, default=Path("results/limit_bench"))
+
+
+def decode_seconds_per_token(model: Any, ids: Any, new_tokens: int) -> tuple[float, float]:
+    """(seconds per decode step after the first, prefill seconds) of one greedy generate call."""
+    import torch
+
+    from engine_adapters.hf.generate_cli import StepClock
+
+    clock = StepClock()
+    with torch.no_grad():
+        model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+            do_sample=False, logits_processor=[clock], pad_token_id=0,
+        )
+    prefill, tokens_per_s = clock.timings()
+    return ids.shape[0] / tokens_per_s, prefill
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from engine_adapters.hf import kv_policy, load_model
+    from eval.bench import machine, prompts
+    from kvcache.budget import check_budget, tokens_for
+
+    check_budget(args.budget)
+    model, tokenizer = load_model(args.model)
+    kept = tokens_for(args.budget, args.prompt_length)
+    long_ids = prompts(tokenizer, args.prompt_length, args.batch)
+    short_ids = prompts(tokenizer, kept, args.batch)
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    runs: list[tuple[str, Any]] = [("full", short_ids)] + [(p, long_ids) for p in policies]
+    rows: dict[str, dict[str, Any]] = {}
+    decode_seconds_per_token(model, short_ids[:, :64], 2)  # warm-up
+    for _ in tqdm(range(args.repeats), desc="repeats"):
+        for name, ids in tqdm(runs, desc="caches", leave=False):
+            if name == "full":
+                step, prefill = decode_seconds_per_token(model, ids, args.new_tokens)
+            else:
+                with kv_policy(model, name, budget=args.budget) as session:
+                    step, prefill = decode_seconds_per_token(model, ids, args.new_tokens)
+                    kept_per_layer = session.stats()["kept_tokens_per_layer"]
+            row = rows.setdefault(name, {"prompt_tokens": ids.shape[1], "decode_s_per_step": float("inf")})
+            if step < row["decode_s_per_step"]:
+                row.update(decode_s_per_step=step, prefill_s=prefill)
+                if name != "full":
+                    row["kept_tokens_per_layer_mean"] = sum(kept_per_layer) / len(kept_per_layer)
+    full_step = rows["full"]["decode_s_per_step"]
+    for row in rows.values():
+        row["decode_ratio_vs_full_at_C"] = row["decode_s_per_step"] / full_step
+    report = {
+        "question": f"decode step time: policy on {args.prompt_length}-token prompts kept to {kept} tokens vs the "
+        f"full cache on {kept}-token prompts",
+        "model": args.model, "batch": args.batch, "new_tokens": args.new_tokens, "budget": args.budget,
+        "repeats": args.repeats, "machine": machine("cpu"), "rows": rows,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "limit_bench.json").write_text(json.dumps(report, indent=2))
+    plot(report, args.out / "limit_bench.png")
+    print(f"{'cache':<12} {'prompt':>7} {'ms/step':>9} {'vs full@C':>10}")
+    for name, row in rows.items():
+        print(f"{name:<12} {row['prompt_tokens']:>7} {1000 * row['decode_s_per_step']:>9.1f} {row['decode_ratio_vs_full_at_C']:>10.2f}")
+    return 0
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["rows"])
+    ratios = [report["rows"][n]["decode_ratio_vs_full_at_C"] for n in names]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(names, ratios, color=["grey"] + ["tab:blue"] * (len(names) - 1))
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_ylabel("decode time per step / full cache of C tokens")
+    ax.set_title(report["question"], fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
