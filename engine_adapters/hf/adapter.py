@@ -17,8 +17,9 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import kvcache
 from attention.backends import BACKENDS, attend
+from attention.quantized import attend_packed
 from attention.scoring import visibility
-from engine_adapters.hf.cache import CompressionPlan, PolicyCache, PolicyLayer
+from engine_adapters.hf.cache import CompressionPlan, PolicyCache, PolicyLayer, QuantPolicyLayer
 from kvcache.budget import check_budget
 from kvcache.registry import PolicyConfigError
 
@@ -78,8 +79,12 @@ class KVSession:
         layer_budget: Any,
         budget: float | int,
         backend: str,
+        quant: Any = None,
+        quant_name: str = "none",
     ) -> None:
         self.model = model
+        self.quant = quant  # a QuantCodec, or None for the dense cache
+        self.quant_name = quant_name
         self.family = check_model(model)
         self.policy = policy
         self.layer_budget = layer_budget
@@ -121,7 +126,7 @@ class KVSession:
     # -- caches --------------------------------------------------------------------------------------
     def new_cache(self, max_new_tokens: int | None = None) -> PolicyCache:
         plan = CompressionPlan(self.policy, self.layer_budget, self.budget, self.num_layers, max_new_tokens)
-        return PolicyCache(plan)
+        return PolicyCache(plan, self.quant)
 
     def _pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         cache = kwargs.get("past_key_values")
@@ -152,9 +157,27 @@ class KVSession:
         new_valid = new_token_validity(mask, q)
         if new_valid is not None:
             layer.mark_padding(new_valid)
+        if isinstance(layer, QuantPolicyLayer):
+            return self._attend_quantized(cache, layer, layer_idx, query, scaling)
         out = attend(query, key, value, self._visibility(layer, q), scaling, self.backend)
         if self.policy.compresses:
             cache.observe(layer_idx, query, scaling)
+        return out
+
+    def _attend_quantized(
+        self, cache: PolicyCache, layer: QuantPolicyLayer, layer_idx: int, query: torch.Tensor, scaling: float
+    ) -> torch.Tensor:
+        """Attention over the layer's quantised store, then eviction, then the store's flush."""
+        q = query.shape[2]
+        lse = None
+        if layer.all_full_precision():  # nothing quantised yet (a prompt pass): the dense kernel on the buffer
+            out = attend(query, layer.store.fp_k, layer.store.fp_v, self._visibility(layer, q), scaling, self.backend)
+        else:  # block by block over the packed codes, never the whole cache dequantised
+            out, lse = attend_packed(query, layer.store, layer.visible(q), scaling, return_lse=True)
+        evictions = layer.evictions
+        if self.policy.compresses:
+            cache.observe(layer_idx, query, scaling)
+        layer.settle(query, scaling, lse if layer.evictions == evictions else None)
         return out
 
     @staticmethod
@@ -176,6 +199,7 @@ class KVSession:
         plan = cache.plan
         return {
             "kv_bytes": cache.nbytes(),
+            "quant": self.quant_name,
             "bookkeeping_bytes": cache.bookkeeping_nbytes(),
             "kept_tokens_per_layer": cache.kept_tokens_per_layer(),
             "prompt_tokens": plan.prompt_len.tolist() if plan.prompt_len is not None else None,
@@ -226,6 +250,7 @@ def kv_policy(
     *,
     layer_budget: str | dict = "uniform",
     attention: str = "sdpa",
+    quant: str | dict | None = None,
     **policy_params: Any,
 ) -> Iterator[KVSession]:
     """Install a KV policy on ``model`` for the duration of the ``with`` block.
@@ -233,6 +258,9 @@ def kv_policy(
     ``policy`` and ``layer_budget`` are registry names (``kvcache.names("evict")``,
     ``kvcache.names("budget")``) or ``"name:key=value"`` specs; ``budget`` is a fraction of each prompt
     (float in (0, 1]) or a token count (int >= 1); ``policy_params`` go to the eviction policy.
+    ``quant`` stores the kept tokens quantised: a ``quant`` codec name or spec (``kvcache.names("quant")``,
+    e.g. ``"zipcache"``, ``"kivi:bits=4"``); ``None``/``"none"`` keeps today's dense full-precision cache.
+    Eviction and quantisation compose: the store holds exactly the slots eviction keeps.
 
     >>> with kv_policy(model, "keyformer", budget=0.5) as session:
     ...     out = model.generate(**inputs, max_new_tokens=64)
@@ -244,7 +272,17 @@ def kv_policy(
     evict = kvcache.create("evict", policy, **policy_params)
     if isinstance(budget, int) and evict.compresses:
         evict.check_budget(budget)
-    session = KVSession(model, evict, kvcache.create("budget", layer_budget), budget, attention)
+    codec, quant_name = None, "none"
+    if quant is not None and quant != "none":
+        codec = kvcache.create("quant", quant)
+        quant_name = codec.registry_name
+        if quant_name == "none":
+            codec = None
+        else:
+            config = model.config
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            codec.check_head_dim(head_dim)
+    session = KVSession(model, evict, kvcache.create("budget", layer_budget), budget, attention, codec, quant_name)
     if getattr(model, "_kvcache_session_root", None) is not None:
         raise PolicyConfigError("this model already has a KV policy installed; nest kv_policy contexts one model at a time")
     model._kvcache_session_root = session

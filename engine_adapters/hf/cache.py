@@ -13,11 +13,15 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from attention.scoring import window_probabilities
+from attention.quantized import packed_probabilities
+from attention.scoring import visibility, window_probabilities
 from kvcache.budget import LayerBudget, tokens_for
 from kvcache.evict.base import EvictionPolicy, Observation
+from kvcache.quant.base import QuantCodec
+from kvcache.quant.saliency import normalized_attention, probe_positions
 from kvcache.selector import protected_slots, replacement_slot, select_keep
 
+PROBE_SEED = 0  # ZipCache's random probe queries at the prompt are drawn from this seed (reproducible runs)
 UNLIMITED = 1 << 60  # a layer budget that never evicts (budget=1.0)
 GROW_TOKENS = 16  # capacity grows in blocks of this many tokens, like vLLM's paged blocks
 
@@ -222,12 +226,148 @@ class PolicyLayer(CacheLayerMixin):
         return self.valid.float().sum(dim=-1).mean(dim=-1).tolist()
 
 
-class PolicyCache(Cache):
-    """A Cache of :class:`PolicyLayer` s that compresses each layer after its attention with a plan."""
+class QuantPolicyLayer(PolicyLayer):
+    """A :class:`PolicyLayer` whose keys and values live in a quantised :class:`~kvcache.quant.KVStore`.
 
-    def __init__(self, plan: CompressionPlan) -> None:
-        super().__init__(layers=[PolicyLayer() for _ in range(plan.num_layers)])
+    The per-slot metadata (``_index``, ``_valid``, ``_scores``) is kept exactly ``length`` slots long and
+    mirrors the store's slot order: ``update`` appends (``store.append(..., flush=False)``), ``keep``
+    gathers with the sorted kept slots (``store.keep`` keeps slots in relative order), ``replace`` is
+    ``store.remove(victim)`` (the newest token, already appended, stays the last slot). Buffered tokens are
+    quantised by :meth:`settle` after the layer's attention and eviction, so eviction decides first and the
+    store only ever quantises tokens that are kept.
+    """
+
+    def __init__(self, codec: QuantCodec) -> None:
+        super().__init__()
+        self.codec = codec
+        self.store = None
+        self.evictions = 0  # keep/replace calls so far (the attention's statistics are stale after one)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, _, d = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.store = self.codec.new_store(d, key_states.dtype, key_states.device)
+        self._index = torch.empty(b, h, 0, dtype=torch.long, device=self.device)
+        self._valid = torch.empty(b, h, 0, dtype=torch.bool, device=self.device)
+        self._scores = torch.empty(b, h, 0, dtype=torch.float32, device=self.device)
+        self.is_initialized = True
+
+    def all_full_precision(self) -> bool:
+        """True when every slot of every head sits, in slot order, in the store's full-precision buffer."""
+        store = self.store
+        return (
+            store is not None
+            and store.fp_count is not None
+            and all(tier.rows == 0 for tier in store.tiers)
+            and bool((store.fp_count == store.num_tokens).all())
+        )
+
+    @property
+    def keys(self) -> torch.Tensor | None:  # type: ignore[override]
+        """Full-precision keys of every slot, for the eviction policies' scoring. Free while the store has
+        quantised nothing (the prompt pass: the keys are still in the buffer). Otherwise the keys are
+        dequantised -- unavoidable for a policy scoring with arbitrary functions of the keys; the cache only
+        asks for them at passes where the policy scores (the prompt, and each step of every-step
+        policies: h2o, keyformer, streamingllm), never for attention (that reads the packed codes)."""
+        if not self.is_initialized:
+            return None
+        if self.all_full_precision():
+            return self.store.fp_k
+        return self.store.dequantize()[0]
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        if value is not None:
+            raise AttributeError("QuantPolicyLayer keys are managed by the cache; they cannot be assigned")
+
+    @property
+    def values(self) -> torch.Tensor | None:  # type: ignore[override]
+        if not self.is_initialized:
+            return None
+        if self.all_full_precision():
+            return self.store.fp_v
+        return self.store.dequantize()[1]
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        if value is not None:
+            raise AttributeError("QuantPolicyLayer values are managed by the cache; they cannot be assigned")
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        b, h, q, _ = key_states.shape
+        # copied into contiguous memory, as the dense cache copies them into its buffers
+        self.store.append(key_states.contiguous(), value_states.contiguous(), flush=False)
+        index = torch.arange(self.seen, self.seen + q, device=self.device).expand(b, h, q)
+        self._index = torch.cat([self.index, index], 2)
+        self._valid = torch.cat([self.valid, torch.ones(b, h, q, dtype=torch.bool, device=self.device)], 2)
+        self._scores = torch.cat([self.scores, torch.zeros(b, h, q, device=self.device)], 2)
+        self.length, self.seen = self.length + q, self.seen + q
+        # attention reads the store, not these; HF only passes them on to the attention function
+        return key_states, value_states
+
+    def keep(self, slots: torch.Tensor, slot_valid: torch.Tensor, headroom: int) -> None:
+        order = slots.argsort(dim=-1)
+        slots, slot_valid = slots.gather(2, order), slot_valid.gather(2, order)
+        self.store.keep(slots)
+        self._index = self.index.gather(2, slots)
+        self._scores = self.scores.gather(2, slots)
+        self._valid = self.valid.gather(2, slots) & slot_valid
+        self.length = slots.shape[-1]
+        self.heads_aligned = False
+        self.evictions += 1
+
+    def replace(self, victim: torch.Tensor) -> None:
+        b, h, n = self._index.shape[0], self._index.shape[1], self.length
+        self.store.remove(victim[..., None])
+        kept = torch.ones(b, h, n, dtype=torch.bool, device=self.device)
+        kept.scatter_(2, victim[..., None], False)
+        for name in ("_index", "_valid", "_scores"):
+            setattr(self, name, getattr(self, name)[:, :, :n][kept].view(b, h, n - 1))
+        self.length = n - 1
+        self.heads_aligned = False
+        self.evictions += 1
+
+    def visible(self, q: int) -> torch.Tensor:
+        """``[B, H_kv, q, T]``: which slot each of this pass's queries may attend (slot order)."""
+        query_index = torch.arange(self.seen - q, self.seen, device=self.device).expand(self.valid.shape[0], q)
+        return visibility(self.index, self.valid, query_index)
+
+    def settle(self, queries: torch.Tensor, scaling: float, lse: torch.Tensor | None) -> None:
+        """Quantise the buffered tokens the codec says are due, after attention and eviction.
+
+        ZipCache ranks them by normalised attention: at a decode step the current query's probabilities
+        (over the packed cache, reusing the attention's log-sum-exp ``lse`` when no slot was evicted since),
+        at a prompt pass ZipCache's probe queries (the last 5% and a random 5%) over the kept slots."""
+        store = self.store
+        if store is None or not store.will_flush(0):
+            return
+        if not self.codec.needs_saliency:
+            store.flush()
+            return
+        q = queries.shape[2]
+        visible = self.visible(q)
+        if q > 1:
+            probes = probe_positions(q, generator=torch.Generator().manual_seed(PROBE_SEED)).to(self.device)
+            queries, visible, lse = queries[:, :, probes], visible[:, :, probes], None
+        probs = packed_probabilities(queries, store, visible, scaling, lse=lse)
+        store.flush(normalized_attention(probs, visible=visible))
+
+    def nbytes(self) -> int:
+        """Bytes the quantised store holds (packed codes, parameters, full-precision buffer)."""
+        return self.store.nbytes() if self.store is not None else 0
+
+
+class PolicyCache(Cache):
+    """A Cache of :class:`PolicyLayer` s that compresses each layer after its attention with a plan;
+    with a ``codec`` the layers are :class:`QuantPolicyLayer` s (eviction and quantisation compose)."""
+
+    def __init__(self, plan: CompressionPlan, codec: QuantCodec | None = None) -> None:
+        layers = [PolicyLayer() if codec is None else QuantPolicyLayer(codec) for _ in range(plan.num_layers)]
+        super().__init__(layers=layers)
         self.plan = plan
+        self.codec = codec
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
@@ -248,6 +388,10 @@ class PolicyCache(Cache):
             valid_new = layer.valid[:, 0, -q:]
             first = torch.where(valid_new, layer.index[:, 0, -q:], layer.seen).min(dim=-1).values
             plan.start(valid_new, first)
+        first_pass = layer.budget is None
+        if not (first_pass or plan.policy.every_step):  # nothing to score or evict at this pass
+            layer.passes += 1
+            return
         query_index = torch.arange(layer.seen - q, layer.seen, device=queries.device).expand(queries.shape[0], q)
         obs = Observation(
             queries=queries,
@@ -259,7 +403,6 @@ class PolicyCache(Cache):
             step=layer.passes,
             max_new_tokens=plan.max_new_tokens,
         )
-        first_pass = layer.budget is None
         if first_pass or plan.policy.every_step:
             previous = layer.scores[:, :, : layer.length - q] if not first_pass else None
             layer._scores[:, :, : layer.length] = plan.policy.score(obs, previous)
