@@ -58,6 +58,8 @@ def run_config(llm: Any, prompts: list[list[int]], max_tokens: int, settings: di
         generated += sum(len(o.outputs[0].token_ids) for o in outputs if o.finished)
     wall = time.perf_counter() - start
     after = dict(sched.kv_stats) if hasattr(sched, "kv_stats") else {}
+    worker = getattr(inprocess.model_runner(llm), "_kvcache_state", None)
+    worker_stats = dict(worker.stats) if worker is not None else {}
     prompt_tokens = sum(len(p) for p in prompts)
     return {
         "settings": settings or {"kv_policy": None},
@@ -74,6 +76,8 @@ def run_config(llm: Any, prompts: list[list[int]], max_tokens: int, settings: di
         "preemptions": after.get("preemptions", 0) - before.get("preemptions", 0),
         "blocks_freed_by_eviction": after.get("blocks_freed", 0) - before.get("blocks_freed", 0),
         "leaked_blocks": initial_free - inprocess.free_blocks(llm),
+        "eviction_capture_s": worker_stats.get("capture_s", 0.0),  # copying queries out of the backend
+        "eviction_compact_s": worker_stats.get("compact_s", 0.0),  # scoring + gathering the kept tokens
         "running_trace": running,
     }
 

@@ -233,10 +233,10 @@ def test_preemption_recomputes_and_frees_everything(llm, prompts):
     sched = inprocess.scheduler(llm)
     initial = inprocess.free_blocks(llm)
     for i in range(6):
-        llm.llm_engine.add_request(f"pre-{i}", {"prompt_token_ids": prompts[0]}, SamplingParams(temperature=0, max_tokens=120, ignore_eos=True))
+        llm.llm_engine.add_request(f"pre-{i}", {"prompt_token_ids": prompts[0]}, SamplingParams(temperature=0, max_tokens=90, ignore_eos=True))
     finished = step_until_done(llm, lambda: None)
     assert sorted(finished) == [f"pre-{i}" for i in range(6)]  # outputs carry the external ids
-    assert all(len(t) == 120 for t in finished.values())
+    assert all(len(t) == 90 for t in finished.values())
     assert sched.kv_stats["preemptions"] > 0
     assert inprocess.free_blocks(llm) == initial
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,7 +131,7 @@ class WorkerKV:
 
         window = getattr(self.policy, "window", None)
         self.observation = window if isinstance(window, int) and window > 0 else DEFAULT_OBSERVATION
-        self.stats = {"compactions": 0, "tokens_evicted": 0}
+        self.stats = {"compactions": 0, "tokens_evicted": 0, "capture_s": 0.0, "compact_s": 0.0}
 
     def drop(self, req_ids: Any) -> None:
         for req_id in req_ids or ():
@@ -218,10 +219,14 @@ class WorkerKV:
 
     # ------------------------------------------------------------------------------------------
     def after_forward(self, runner: Any, plan: StepPlan, captured: dict[str, Any] | None) -> None:
+        start = time.perf_counter()
         self._store_captures(captured, plan)
+        middle = time.perf_counter()
         for req_id, compaction in plan.compact.items():
             with torch.no_grad():
                 self._compact(runner, req_id, compaction)
+        self.stats["capture_s"] += middle - start
+        self.stats["compact_s"] += time.perf_counter() - middle
 
     @torch.no_grad()
     def _compact(self, runner: Any, req_id: str, c: Compaction) -> None:
