@@ -31,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--policies", default="snapkv,keyformer,h2o,streaming", help="comma-separated policies")
     parser.add_argument("--kv-budget", default="0.5")
+    parser.add_argument("--kv-quant", default="none", help="store kept tokens quantised: none, zipcache, kivi, 'kivi:bits=4'")
     parser.add_argument("--task-file", type=Path, default=TASK_FILE, help="a kvlong JSONL file")
     parser.add_argument("--sample", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=int, default=16)
@@ -53,15 +54,15 @@ def run(args: argparse.Namespace) -> int:
     for i, policy in enumerate(tqdm(policies, desc="kvcache demo", unit="policy")):
         result = run_generation(
             model, tokenizer, sample["input"], policy=policy, budget=budget, max_new_tokens=args.max_new_tokens,
-            chat=True, assistant_prefix=" " + sample.get("gen_prefix", ""), with_full=(i == 0),
+            chat=True, assistant_prefix=" " + sample.get("gen_prefix", ""), with_full=(i == 0), quant=args.kv_quant,
         )
         if i == 0:
             rows.append({
                 "policy": "full", "budget": 1.0, "text": result["full_text"], "kv_bytes": result["kv_bytes_full"],
                 "prefill_s": result["full_prefill_s"], "decode_tokens_per_s": result["full_decode_tokens_per_s"],
-                "prompt_tokens": result["prompt_tokens"],
+                "prompt_tokens": result["prompt_tokens"], "kv_quant": "none",
             })
-        rows.append({k: result[k] for k in ("policy", "budget", "text", "kv_bytes", "prefill_s", "decode_tokens_per_s", "prompt_tokens", "kept_tokens_per_layer")})
+        rows.append({k: result[k] for k in ("policy", "budget", "kv_quant", "text", "kv_bytes", "prefill_s", "decode_tokens_per_s", "prompt_tokens", "kept_tokens_per_layer")})
     full_bytes = rows[0]["kv_bytes"]
     for row in rows:
         row["correct"] = all(a.lower() in row["text"].lower() for a in answers)

@@ -11,7 +11,8 @@
 * ``kv_budget``        a float in (0, 1] is a fraction of each prompt, an int a token count; default 1.0.
 * ``kv_layer_budget``  a ``budget`` policy name (uniform, pyramid, cake); default ``uniform``.
 * ``kv_attention``     attention backend of the adapter; default ``sdpa``.
-* ``kv_quant``         a ``quant`` policy name; only ``none`` until the HF adapter stores quantised KV.
+* ``kv_quant``         a ``quant`` codec name (``none``, ``kivi``, ``zipcache``; default ``none``): the kept tokens
+                       are stored quantised, composed with the eviction policy (the codec's default parameters).
 * ``kv_ll_chunk``      loglikelihood: continuation tokens fed per forward pass after the context (default 1,
                        token by token as in decoding; larger is faster for long continuations).
 * ``kv_<param>``       any other ``kv_`` key is a parameter of the eviction policy, e.g. ``kv_window=0.2``
@@ -86,14 +87,6 @@ def split_kv_args(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any
     if quant not in kvcache.names("quant"):
         raise KVModelArgsError(f"unknown kv_quant {quant!r}; valid: {', '.join(kvcache.names('quant'))}")
     if quant != "none":
-        import inspect
-
-        from engine_adapters.hf import kv_policy
-
-        if "quant" not in inspect.signature(kv_policy).parameters:
-            raise KVModelArgsError(
-                f"kv_quant={quant!r}: the Hugging Face adapter does not store quantised KV yet; use kv_quant=none"
-            )
         policy_params["quant"] = quant
     # fail now, with the registry's message, rather than at the first request
     try:

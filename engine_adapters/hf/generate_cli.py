@@ -1,11 +1,12 @@
 """``kvcache generate``: one prompt through a Hugging Face model with a KV policy, figures measured.
 
     kvcache generate --model smollm2-135m --kv-policy keyformer --kv-budget 0.5 --prompt-file doc.txt \
-        --max-new-tokens 64 --chat --json
+        --max-new-tokens 64 --chat --json [--kv-quant zipcache]
 
 With ``--json`` it prints one object: text, token counts, ``kv_bytes`` summed from the cache tensors
 after generation, ``kv_bytes_full`` from a full-cache run of the same prompt in the same process
-(skip it with ``--no-full``), kept tokens per layer, prefill seconds and decode tokens/s.
+(skip it with ``--no-full``), kept tokens per layer, prefill seconds and decode tokens/s. ``--kv-quant``
+stores the kept tokens quantised (``zipcache``, ``kivi``, ``kivi:bits=4``; JSON ``kv_quant``).
 """
 
 from __future__ import annotations
@@ -95,18 +96,20 @@ def run_generation(
     sample: bool = False,
     seed: int = 0,
     with_full: bool = True,
+    quant: str | None = None,
 ) -> dict[str, Any]:
     """Generate under the policy (and, if ``with_full``, with the unmodified model); measured figures."""
     from engine_adapters.hf import kv_policy
 
     inputs = encode(tokenizer, prompt, chat, assistant_prefix)
-    with kv_policy(model, policy, budget, layer_budget=layer_budget) as session:
+    with kv_policy(model, policy, budget, layer_budget=layer_budget, quant=quant) as session:
         result = timed_generate(model, tokenizer, inputs, max_new_tokens, sample, seed)
         stats = session.stats()
     result.update(
         policy=policy,
         budget=budget,
         layer_budget=layer_budget,
+        kv_quant=quant or "none",
         kept_tokens_per_layer=[round(t, 2) for t in stats["kept_tokens_per_layer"]],
         bookkeeping_bytes=stats["bookkeeping_bytes"],
         kv_bytes_full=None,
@@ -129,6 +132,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-policy", default="snapkv", help="eviction policy, e.g. keyformer or 'snapkv:window=16'")
     parser.add_argument("--kv-budget", default="0.5", help="fraction of the prompt (0.5) or tokens per layer (512)")
     parser.add_argument("--kv-layer-budget", default="uniform", help="uniform, pyramid or cake")
+    parser.add_argument("--kv-quant", default="none", help="store kept tokens quantised: none, zipcache, kivi, 'kivi:bits=4'")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -155,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     result = run_generation(
         model, tokenizer, prompt, policy=args.kv_policy, budget=budget, layer_budget=args.kv_layer_budget,
         max_new_tokens=args.max_new_tokens, chat=args.chat, sample=args.sample, seed=args.seed,
-        with_full=not args.no_full,
+        with_full=not args.no_full, quant=args.kv_quant,
     )
     if args.json:
         print(json.dumps(result, indent=2))
@@ -163,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
     print(result["text"])
     full = f" (full cache: {result['kv_bytes_full'] / 2**20:.1f} MiB)" if result["kv_bytes_full"] else ""
     print(
-        f"\n[{args.kv_policy} @ {budget}] prompt {result['prompt_tokens']} tokens, KV {result['kv_bytes'] / 2**20:.1f} MiB"
+        f"\n[{args.kv_policy} @ {budget}{'' if args.kv_quant == 'none' else ' + ' + args.kv_quant}] prompt {result['prompt_tokens']} tokens, KV {result['kv_bytes'] / 2**20:.1f} MiB"
         f"{full}, prefill {result['prefill_s']:.2f}s, decode {result['decode_tokens_per_s']} tok/s",
         file=sys.stderr,
     )
