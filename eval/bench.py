@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kvcache.budget import parse_budget
+
 LLAMA3_8B = dict(
     vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
     num_key_value_heads=8, head_dim=128, max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False,
@@ -41,7 +43,7 @@ RANDOM_MODELS = {"llama3-8b-random": LLAMA3_8B}
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help=f"embedded model, local HF folder, or one of {', '.join(RANDOM_MODELS)}")
     p.add_argument("--policy", default="snapkv", help="evict policy (name or name:key=value)")
-    p.add_argument("--budget", type=float, default=0.5, help="KV budget: fraction of the prompt (<=1) or tokens (>1)")
+    p.add_argument("--budget", type=parse_budget, default=0.5, help="KV budget: fraction of the prompt (0.5) or tokens per layer (512)")
     p.add_argument("--layer-budget", default="uniform")
     p.add_argument("--prompt-lengths", type=int, nargs="+", default=[512, 1024, 2048])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
