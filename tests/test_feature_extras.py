@@ -70,7 +70,6 @@ def test_token_predictor_features_and_loading(tmp_path: Path) -> None:
     assert torch.equal(loaded(feats), model(feats))
 
 
-@pytest.mark.skipif(not PREDICTOR.exists(), reason="shipped predictor not present")
 def test_shipped_predictor_drives_tokencache() -> None:
     policy = kvcache.create("feature", "tokencache", importance="predictor", predictor=str(PREDICTOR), k1=3, k2=3,
                             blocks=1.0)

@@ -227,7 +227,7 @@ class _Controller:
                     finally:
                         self.full_index = None
                 if not contract.token_level:
-                    raise NotImplementedError(
+                    raise UnsupportedModelError(
                         f"token-level caching is not supported for {type(self.transformer).__name__}; "
                         "use a block-level policy (foresight, teacache, first-block, taylorseer, static)"
                     )
