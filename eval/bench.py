@@ -157,6 +157,8 @@ def greedy_run(model, ids, new_tokens: int, device: str, cache) -> tuple[float, 
     """Prefill + ``new_tokens`` greedy tokens by hand: (time to first token, decode seconds, cache)."""
     import torch
 
+    from engine_adapters.hf.compat import with_cache
+
     def sync():
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -167,14 +169,14 @@ def greedy_run(model, ids, new_tokens: int, device: str, cache) -> tuple[float, 
     with torch.no_grad():
         sync()
         start = time.perf_counter()
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+        out = model(**with_cache(model, cache, input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True))
         token = out.logits[:, -1:].argmax(-1)
         sync()
         first = time.perf_counter()
         for step in range(new_tokens - 1):
             mask = torch.cat([mask, torch.ones_like(token)], dim=1)
             pos = torch.full_like(token, length + step)
-            out = model(input_ids=token, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+            out = model(**with_cache(model, cache, input_ids=token, attention_mask=mask, position_ids=pos, use_cache=True))
             token = out.logits[:, -1:].argmax(-1)
         sync()
         end = time.perf_counter()

@@ -58,16 +58,18 @@ def streamed_nll(model, session, prefix: list[int], cont: list[int], chunk: int,
     import torch
     import torch.nn.functional as F
 
+    from engine_adapters.hf.compat import output_cache, with_cache
+
     ids = torch.tensor([prefix], device=device)
     cache = session.new_cache(len(cont)) if session is not None else None
     with torch.no_grad():
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(**with_cache(model, cache, input_ids=ids, use_cache=True))
+        cache = output_cache(out)
         logits = [out.logits[:, -1:].float()]
         feed = torch.tensor([cont[:-1]], device=device)
         for s in range(0, feed.shape[1], chunk):
-            out = model(input_ids=feed[:, s : s + chunk], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(**with_cache(model, cache, input_ids=feed[:, s : s + chunk], use_cache=True))
+            cache = output_cache(out)
             logits.append(out.logits.float())
     lp = F.log_softmax(torch.cat(logits, dim=1)[0], dim=-1)
     target = torch.tensor(cont, device=lp.device)

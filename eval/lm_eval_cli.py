@@ -13,8 +13,11 @@ cannot see ``--model kvcache``; ``python -m eval.lm_eval_cli`` is the same as ``
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+
+from kvcache.registry import UsageError
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 
@@ -28,22 +31,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def lm_eval_argv(args: list[str]) -> list[str]:
-    """lm-eval ``run`` arguments: add our task folder to ``--include_path``."""
+    """lm-eval ``run`` arguments as the user gave them (``run`` optional)."""
     args = list(args)
     if args and args[0] == "run":
         args = args[1:]
     if any(a in ("-h", "--help") for a in args):
         return ["run", "--help"]
-    for i, a in enumerate(args):
-        if a == "--include_path" and i + 1 < len(args):
-            args[i + 1] = f"{args[i + 1]}:{TASKS_DIR}"
-            break
-        if a.startswith("--include_path="):
-            args[i] = f"{a}:{TASKS_DIR}"
-            break
-    else:
-        args += ["--include_path", str(TASKS_DIR)]
     return ["run", *args]
+
+
+def include_paths(user_path: str | list[str] | None) -> list[str]:
+    """The task folders lm-eval should scan: the user's ``--include_path`` (one folder, or several joined
+    with ``os.pathsep`` as lm-eval's docs write them) and then the shipped kvlong folder. lm-eval's
+    ``TaskManager`` takes a list; its ``run`` command passes the string through whole, so a joined string
+    would name one folder that does not exist."""
+    if user_path is None:
+        paths: list[str] = []
+    elif isinstance(user_path, (list, tuple)):
+        paths = [str(p) for p in user_path]
+    else:
+        paths = [p for p in str(user_path).split(os.pathsep) if p]
+    missing = [p for p in paths if not Path(p).is_dir()]
+    if missing:
+        raise UsageError(f"--include_path {os.pathsep.join(missing)}: no such folder; give a folder of lm-eval task YAML files")
+    return [*paths, str(TASKS_DIR)]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
     sys.argv = ["kvcache eval", *argv]
     try:
         parsed = harness.parse_args()
+        if hasattr(parsed, "include_path"):
+            parsed.include_path = include_paths(parsed.include_path)
         harness.execute(parsed)
     except SystemExit as exc:
         return int(exc.code or 0)

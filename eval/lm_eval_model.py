@@ -37,6 +37,7 @@ from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
 import kvcache
+from engine_adapters.hf.compat import with_cache
 from kvcache.registry import PolicyConfigError
 
 KV_KEYS = ("kv_policy", "kv_budget", "kv_layer_budget", "kv_attention", "kv_quant", "kv_ll_chunk")
@@ -158,7 +159,7 @@ class KVCacheLM(HFLM):
         max_cont = max(map(len, continuations))
         cache = self.kv_session.new_cache(max_cont)
         position = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True)
+        out = self.model(**with_cache(self.model, cache, input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True))
         logits = [out.logits[:, -1:, :].float()]
         next_pos = position[:, -1:] + 1
         # feed continuation[:-1] in chunks; rows whose continuation ended feed padding tokens marked real
@@ -174,7 +175,7 @@ class KVCacheLM(HFLM):
             q = chunk.shape[1]
             mask = torch.cat([mask, torch.ones((n, q), dtype=mask.dtype, device=device)], dim=1)
             pos = next_pos + torch.arange(q, device=device)
-            out = self.model(input_ids=chunk, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+            out = self.model(**with_cache(self.model, cache, input_ids=chunk, attention_mask=mask, position_ids=pos, use_cache=True))
             logits.append(out.logits.float())
             next_pos = pos[:, -1:] + 1
         self.kv_stats.append(self.kv_session.stats())

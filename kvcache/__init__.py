@@ -7,6 +7,7 @@ Engine-agnostic: this package imports only torch and numpy. Engines plug in thro
 from kvcache.registry import (
     KINDS,
     PolicyConfigError,
+    UsageError,
     create,
     get_entry,
     list_policies,
@@ -18,6 +19,7 @@ from kvcache.registry import (
 __all__ = [
     "KINDS",
     "PolicyConfigError",
+    "UsageError",
     "create",
     "get_entry",
     "list_policies",

@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from kvcache.registry import PolicyConfigError
+from kvcache.registry import UsageError
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv[1:])
     try:
         return int(module.run(args) or 0)
-    except PolicyConfigError as err:  # a bad policy, budget or codec spec: the message names the valid choices
+    except UsageError as err:  # a bad policy, budget, codec, file or model: the message names the fix
         parser.exit(2, f"kvcache {argv[0]}: {err}\n")
 
 

@@ -32,7 +32,12 @@ _BUILTIN_MODULES: dict[str, str] = {
 T = TypeVar("T")
 
 
-class PolicyConfigError(ValueError):
+class UsageError(ValueError):
+    """A user's mistake (a bad name, value, file or model): the message names the problem and the fix.
+    Command-line tools print it as one line and exit with code 2."""
+
+
+class PolicyConfigError(UsageError):
     """A policy name or parameter is invalid; the message names the valid choices."""
 
 

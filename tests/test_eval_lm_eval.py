@@ -174,13 +174,49 @@ def test_unknown_model_is_a_clear_error():
         KVCacheLM(pretrained="no/such-model", kv_policy="snapkv")
 
 
-def test_cli_forwards_to_lm_eval(capsys):
+def test_cli_forwards_to_lm_eval(capsys, tmp_path):
     from eval.lm_eval_cli import TASKS_DIR as cli_tasks
-    from eval.lm_eval_cli import lm_eval_argv
+    from eval.lm_eval_cli import include_paths, lm_eval_argv
 
-    assert lm_eval_argv(["--model", "kvcache", "--tasks", "kvlong"]) == ["run", "--model", "kvcache", "--tasks", "kvlong", "--include_path", str(cli_tasks)]
-    assert lm_eval_argv(["--include_path", "/x"])[-1] == f"/x:{cli_tasks}"
+    assert lm_eval_argv(["--model", "kvcache", "--tasks", "kvlong"]) == ["run", "--model", "kvcache", "--tasks", "kvlong"]
+    assert include_paths(None) == [str(cli_tasks)]
+    other = tmp_path / "more"
+    other.mkdir()
+    assert include_paths(str(tmp_path)) == [str(tmp_path), str(cli_tasks)]
+    assert include_paths(f"{tmp_path}:{other}") == [str(tmp_path), str(other), str(cli_tasks)]
     from kvcache.cli import main
 
     assert main(["eval", "--help"]) == 0
     assert "--model_args" in capsys.readouterr().out
+
+
+def test_cli_runs_a_users_task_beside_the_shipped_ones(tiny_folder, tmp_path, capsys):
+    """``kvcache eval --include_path DIR`` keeps the user's folder and adds kvlong's (lm-eval 0.4.13 does not
+    split a ``:``-joined path, so joining them lost the user's tasks)."""
+    import json
+
+    from kvcache.cli import main
+
+    user_tasks = tmp_path / "my_tasks"
+    user_tasks.mkdir()
+    (user_tasks / "mcdata.py").write_text(MC_DATA)
+    (user_tasks / "kv_mc_smoke.yaml").write_text(textwrap.dedent(MC_YAML))
+    out_dir = tmp_path / "out"
+    code = main([
+        "eval", "--model", "kvcache", "--model_args", f"pretrained={tiny_folder},kv_policy=snapkv,kv_budget=0.5",
+        "--tasks", "kv_mc_smoke,kvlong_passkey_1k", "--include_path", str(user_tasks), "--limit", "2",
+        "--batch_size", "2", "--output_path", str(out_dir),
+    ])
+    assert code == 0
+    results = [json.loads(p.read_text()) for p in out_dir.rglob("results_*.json")]
+    assert results and {"kv_mc_smoke", "kvlong_passkey_1k"} <= set(results[0]["results"])
+
+
+def test_cli_names_a_missing_include_path(tmp_path, capsys):
+    from kvcache.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--model", "kvcache", "--tasks", "x", "--include_path", str(tmp_path / "nope")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "no such folder" in err and "Traceback" not in err

@@ -160,9 +160,9 @@ def test_unsupported_models_and_bad_settings_are_refused(make_model):
         with kv_policy(model, "snapkv", budget=16):  # default window 32 > 16 tokens
             pass
     ids, mask = padded_batch([40])
-    with pytest.raises(PolicyConfigError, match="window"):
-        with kv_policy(model, "snapkv", budget=0.25, window=16):  # 10 tokens for a 40-token prompt
-            model(input_ids=ids, attention_mask=mask)
+    with kv_policy(model, "snapkv", budget=0.25, window=16) as session:  # 10 tokens for a 40-token prompt
+        model(input_ids=ids, attention_mask=mask)  # too short for the window: left uncompressed, not refused
+    assert session.stats()["uncompressed_sequences"] == [0]
     with pytest.raises(PolicyConfigError, match="beam search"):
         with kv_policy(model, "h2o", budget=0.5):
             model.generate(input_ids=ids, max_new_tokens=2, num_beams=2)
@@ -179,3 +179,44 @@ def test_mpt_gets_a_clear_reason():
     with pytest.raises(PolicyConfigError, match="ALiBi"):
         with kv_policy(mpt, "h2o"):
             pass
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_a_cache_passed_under_either_name_is_the_one_used_without_warnings(name, make_model):
+    """transformers 5.24 renamed ``past_key_values`` to ``cache``: kvcache takes either from its user and
+    passes its own under the installed version's name, so none of our calls raises a FutureWarning."""
+    import warnings
+
+    model = make_model("llama")
+    ids, mask = padded_batch([30])
+    with kv_policy(model, "streaming", budget=10, sinks=2) as session:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            mine = session.new_cache()
+            model(input_ids=ids[:, :-1], **{name: mine})
+            model(input_ids=ids[:, -1:], **{name: mine})
+            assert mine.get_seq_length() == 30 and mine.layers[0].length == 10  # this cache was used and compressed
+            given = session.new_cache(4)
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, **{name: given})
+            assert session.last_cache is given and given.get_seq_length() == 30 + 3
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)  # our own cache
+    assert out.shape == (1, 34)
+
+
+def test_a_prompt_too_short_for_the_policy_is_left_uncompressed(make_model):
+    """snapkv's 32-token window does not fit half of a 20-token prompt: that sequence keeps everything (and
+    says so) while a long prompt in the same batch is compressed as usual."""
+    model = make_model("llama")
+    ids, mask = padded_batch([20, 100])
+    reference = generate(model, ids[:1, -20:], mask[:1, -20:], do_sample=False)
+    with kv_policy(model, "snapkv", budget=0.5) as session:
+        out = generate(model, ids, mask, do_sample=False)
+        stats = session.stats()
+        kept = session.last_cache.layers[0].valid.sum(dim=-1)  # [B, H] real tokens held
+        alone = generate(model, ids[:1, -20:], mask[:1, -20:], do_sample=False)
+    assert stats["uncompressed_sequences"] == [0]
+    assert "20 tokens" in stats["notes"][0] and "left uncompressed" in stats["notes"][0]
+    assert kept[0].tolist() == [20 + 5] * kept.shape[1]  # prompt + generated tokens, nothing evicted
+    assert kept[1].max() < 100
+    assert torch.equal(alone.sequences, reference.sequences)
+    assert out.sequences.shape[0] == 2

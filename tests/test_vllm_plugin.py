@@ -56,15 +56,29 @@ def test_policy_installs_scheduler_and_turns_prefix_caching_off():
     ({"kv_cache_dtype": "fp8"}, "kv-cache-dtype"),
     ({"tensor_parallel_size": 2}, "tensor/pipeline parallelism"),
     ({"decode_context_parallel_size": 2}, "context parallelism"),
-    ({"enforce_eager": False}, "--enforce-eager"),
+    ({"enforce_eager": False, "_kvcache_eager_refused": True}, "--no-enforce-eager"),
     ({"scheduler_cls": "my.Scheduler"}, "--scheduler-cls"),
 ])
 def test_fences_fail_at_launch_with_the_fix(kwargs, message):
     base = {"model": "m", "enforce_eager": True, "additional_config": {"kv_policy": "snapkv"}}
-    engine_args = EngineArgs(**{**base, **kwargs})
+    explicit = {k: v for k, v in kwargs.items() if k.startswith("_")}
+    engine_args = EngineArgs(**{**base, **{k: v for k, v in kwargs.items() if k not in explicit}})
+    for name, value in explicit.items():
+        setattr(engine_args, name, value)
     with pytest.raises(KVPluginError, match="cannot run with") as err:
         plugin.prepare_engine_args(engine_args)
     assert message in str(err.value)
+
+
+def test_eager_mode_is_turned_on_by_the_plugin(caplog):
+    engine_args = EngineArgs(model="m", additional_config={"kv_policy": "snapkv"})  # vLLM's default: not eager
+    with caplog.at_level("INFO", logger="vllm.kvcache"):
+        plugin.prepare_engine_args(engine_args)
+    assert engine_args.enforce_eager is True
+    assert "eager mode turned on" in caplog.text
+    stock = EngineArgs(model="m")
+    plugin.prepare_engine_args(stock)  # inert: vLLM's own default stays
+    assert stock.enforce_eager is False
 
 
 def test_unsupported_vllm_version_refused_only_with_a_policy(monkeypatch):

@@ -52,7 +52,7 @@ def server(tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
     cmd = kvcache_cmd(
-        "smollm2-135m", "--kv-policy", "snapkv", "--kv-budget", "0.25", "--enforce-eager", "--dtype", "float32",
+        "smollm2-135m", "--kv-policy", "snapkv", "--kv-budget", "0.25", "--dtype", "float32",  # eager: the plugin sets it
         "--max-model-len", "4096", "--num-gpu-blocks-override", "48", "--max-num-seqs", "32",
         "--host", "127.0.0.1", "--port", str(port),
     )
@@ -90,6 +90,7 @@ def test_long_context_retrieval_over_openai_api(server):
     assert NEEDLE in reply["choices"][0]["text"], reply["choices"][0]["text"]
     text = log.read_text()
     assert "kvcache: eviction enabled in vLLM" in text
+    assert "kvcache: eager mode turned on" in text
     assert "kvcache: request " in text and "freed" in text  # the prompt was compacted and blocks freed
 
 

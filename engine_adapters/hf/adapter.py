@@ -19,11 +19,13 @@ import kvcache
 from attention.backends import BACKENDS, attend
 from attention.quantized import attend_packed, packed_probabilities
 from engine_adapters.hf.cache import CompressionPlan, PolicyCache, PolicyLayer, QuantPolicyLayer
+from engine_adapters.hf.compat import cache_arg, take_cache
 from kvcache.budget import check_budget
 from kvcache.registry import PolicyConfigError
 
 ATTENTION_NAME = "kvcache"
-# model_type -> how attention is reached: through transformers' AttentionInterface, or GPT-J's _attn method.
+# model_type -> how attention is reached: through transformers' AttentionInterface, or GPT-J's _attn method
+# (transformers < 5.24; from 5.24 GPT-J also goes through the interface).
 SUPPORTED_FAMILIES: dict[str, str] = {
     "llama": "interface",
     "mistral": "interface",
@@ -103,7 +105,8 @@ class KVSession:
         for module in attention_modules:
             module._kvcache_session = self
             self._undo.append(lambda m=module: delattr(m, "_kvcache_session"))
-        if self.family == "gptj":
+        if SUPPORTED_FAMILIES[self.family] == "gptj" and all(hasattr(type(m), "_attn") for m in attention_modules):
+            # GPT-J before transformers 5.24 computes attention in its own ``_attn``; later it uses the interface
             for module in attention_modules:
                 module._attn = types.MethodType(_gptj_attn, module)
                 self._undo.append(lambda m=module: delattr(m, "_attn"))
@@ -128,10 +131,10 @@ class KVSession:
         return PolicyCache(plan, self.quant)
 
     def _pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        cache = kwargs.get("past_key_values")
+        cache = take_cache(kwargs, module)
         use_cache = kwargs.get("use_cache", module.config.use_cache)
         if cache is None and use_cache:
-            cache = kwargs["past_key_values"] = self.new_cache()
+            cache = kwargs[cache_arg(module)] = self.new_cache()
         self.active_cache = cache if isinstance(cache, PolicyCache) else None
         if self.active_cache is not None:
             self.last_cache = self.active_cache
@@ -208,6 +211,8 @@ class KVSession:
             "sequences": len(cache.layers[0].kept_tokens()),
             "prompt_tokens": plan.prompt_len.tolist() if plan.prompt_len is not None else None,
             "logical_tokens": cache.get_seq_length(),
+            "uncompressed_sequences": list(plan.uncompressed),
+            "notes": list(plan.notes),
         }
 
 
@@ -240,9 +245,9 @@ def _generate_with_policy(self: torch.nn.Module, *args: Any, **kwargs: Any):
     config = kwargs.get("generation_config") or self.generation_config
     if kwargs.get("num_beams", config.num_beams or 1) > 1:
         raise PolicyConfigError("beam search (num_beams > 1) is not supported with a KV policy; use greedy or sampling")
-    if kwargs.get("past_key_values") is None:
+    if take_cache(kwargs, self) is None:
         max_new = kwargs.get("max_new_tokens", config.max_new_tokens)
-        kwargs["past_key_values"] = session.new_cache(max_new)
+        kwargs[cache_arg(self)] = session.new_cache(max_new)
     return type(self).generate(self, *args, **kwargs)
 
 

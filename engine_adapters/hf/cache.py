@@ -40,28 +40,49 @@ class CompressionPlan:
     first_index: torch.Tensor | None = None
     layer_budgets: torch.Tensor | None = None
     preferences: list[torch.Tensor] = field(default_factory=list)
+    uncompressed: list[int] = field(default_factory=list)  # sequences whose prompt is too short for the policy
+    notes: list[str] = field(default_factory=list)
 
     def start(self, new_valid: torch.Tensor, first_index: torch.Tensor) -> None:
-        """Fix per-sequence budgets from the prompt (``new_valid [B, q]``: real tokens of the prompt pass)."""
+        """Fix per-sequence budgets from the prompt (``new_valid [B, q]``: real tokens of the prompt pass).
+
+        A sequence whose prompt is too short for the policy (the budget's share of it holds fewer tokens
+        than the policy's recent window and sinks) is left uncompressed; ``notes`` says so."""
         self.prompt_len = new_valid.sum(dim=-1)
         self.first_index = first_index
         lengths = self.prompt_len.tolist()
-        capacity = torch.tensor([tokens_for(self.budget, n) for n in lengths], device=new_valid.device)
-        recent = torch.tensor([self.policy.recent_tokens(c) for c in capacity.tolist()], device=new_valid.device)
-        for n, c in zip(lengths, capacity.tolist()):
-            if n > c:
-                self.policy.check_budget(c)
+        capacities = [tokens_for(self.budget, n) for n in lengths]
+        self.uncompressed = [
+            i for i, (n, c) in enumerate(zip(lengths, capacities)) if n > c and self.policy.protected_tokens(c) > c
+        ]
+        self.notes = [
+            f"sequence {i}: a prompt of {lengths[i]} tokens at budget {self.budget} keeps {capacities[i]} tokens, fewer "
+            f"than {self.policy.registry_name}'s recent window ({self.policy.recent_tokens(capacities[i])}) + sinks "
+            f"({self.policy.sinks}); left uncompressed"
+            for i in self.uncompressed
+        ]
+        capacity = torch.tensor(capacities, device=new_valid.device)
+        recent = torch.tensor([self.policy.recent_tokens(c) for c in capacities], device=new_valid.device)
         self.capacity, self.recent = capacity, recent
         if isinstance(self.budget, float) and self.budget == 1.0:  # the whole sequence, prompt and generated tokens: scored, never evicted
             self.layer_budgets = torch.full((self.num_layers, len(lengths)), UNLIMITED, device=new_valid.device)
         elif not self.layer_budget.cascading:
-            self.layer_budgets = self.layer_budget.allocate(capacity, recent, self.prompt_len, self.num_layers)
+            self.layer_budgets = self._keep_uncompressed(
+                self.layer_budget.allocate(capacity, recent, self.prompt_len, self.num_layers)
+            )
+
+    def _keep_uncompressed(self, budgets: torch.Tensor) -> torch.Tensor:
+        """``budgets [layers, B]`` with the uncompressed sequences' columns set to never evict."""
+        if self.uncompressed:
+            budgets = budgets.clone()
+            budgets[:, self.uncompressed] = UNLIMITED
+        return budgets
 
     def cascade(self, preference: torch.Tensor) -> torch.Tensor:
         """CAKE: add layer ``len(preferences)``'s preference; budgets ``[m + 1, B]`` for the layers seen so far."""
         self.preferences.append(preference)
-        return self.layer_budget.allocate(
-            self.capacity, self.recent, self.prompt_len, self.num_layers, torch.stack(self.preferences)
+        return self._keep_uncompressed(
+            self.layer_budget.allocate(self.capacity, self.recent, self.prompt_len, self.num_layers, torch.stack(self.preferences))
         )
 
 

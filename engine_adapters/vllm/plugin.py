@@ -121,6 +121,8 @@ def _patch_engine_args() -> None:
         folded = fold_namespace(engine_args.additional_config, args)
         if folded:
             engine_args.additional_config = folded
+        if "--no-enforce-eager" in sys.argv:  # the only way to tell an explicit "no" from vLLM's default
+            engine_args._kvcache_eager_refused = True
         return engine_args
 
     @functools.wraps(original_create)
@@ -168,15 +170,18 @@ def prepare_engine_args(engine_args: Any) -> kvconfig.KVPluginConfig | None:
         problems.append(f"--kv-cache-dtype {engine_args.kv_cache_dtype}: only 'auto' is supported")
     if engine_args.scheduler_cls not in (None, SCHEDULER_CLS, "vllm.v1.core.sched.scheduler.Scheduler"):
         problems.append(f"--scheduler-cls {engine_args.scheduler_cls}: the plugin installs its own scheduler")
-    if not engine_args.enforce_eager:
+    if not engine_args.enforce_eager and getattr(engine_args, "_kvcache_eager_refused", False):
         problems.append(
-            "compiled/graph mode: the plugin reads queries inside the attention backend; add --enforce-eager "
-            "(LLM(..., enforce_eager=True))"
+            "--no-enforce-eager: the plugin reads queries inside the attention backend, which compiled graphs "
+            "skip; drop --no-enforce-eager"
         )
     if problems:
         raise KVPluginError(
             f"kvcache --kv-policy {cfg.policy_name} cannot run with: " + "; ".join(problems)
         )
+    if not engine_args.enforce_eager:
+        logger.info("kvcache: eager mode turned on (--enforce-eager): the plugin reads queries inside the attention backend")
+        engine_args.enforce_eager = True
     engine_args.enable_prefix_caching = False
     engine_args.async_scheduling = False
     engine_args.scheduler_cls = SCHEDULER_CLS
