@@ -1,7 +1,7 @@
 """Attention over a compacted cache: ``reference`` (HF eager math) and ``sdpa`` (torch's fused kernel).
 
 Both take queries ``[B, H_q, q, D]`` and the layer's slots ``[B, H_kv, T, D]`` (never repeated per query
-head on the fast paths) plus a visibility mask from :func:`attention.scoring.visibility`, and return
+head on the fast paths) plus a visibility mask from :func:`kvcache.attention.scoring.visibility`, and return
 ``[B, H_q, q, D]``. ``visible`` may be ``None`` (every slot visible), ``"causal"`` (slots are the
 queries themselves, in order) or a bool tensor ``[B, 1 or H_kv, q, T]``.
 """

@@ -1,8 +1,9 @@
 """Attention over a packed (quantised) KV store, block by block.
 
 ``attend_packed`` computes ``softmax(Q K^T * scaling + mask) V`` over a
-:class:`kvcache.quant.store.KVStore` with an online (flash-style) softmax: the store yields dequantised
-blocks of at most ``block_size`` tokens (:meth:`KVStore.blocks`), so the cache is never rebuilt in full
+:class:`PackedKV` (the protocol :class:`kvcache.quant.store.KVStore` implements) with an online
+(flash-style) softmax: the store yields dequantised blocks of at most ``block_size`` tokens
+(:meth:`PackedKV.blocks`), so the cache is never rebuilt in full
 precision. For each block, with running max ``m``, normaliser ``l`` and accumulator ``acc``:
 
     m' = max(m, max_j s_j),  l = l * exp(m - m') + sum_j exp(s_j - m'),  acc = acc * exp(m - m') + exp(s - m') V
@@ -17,13 +18,35 @@ the same store.
 from __future__ import annotations
 
 import math
+from typing import Iterator, NamedTuple, Protocol
 
 import torch
 
-from kvcache.quant.store import Block, KVStore
+
+class Block(NamedTuple):
+    """A dequantised block of rows from :meth:`PackedKV.blocks`."""
+
+    keys: torch.Tensor  # [B, H, n, D] fp32
+    values: torch.Tensor  # [B, H, n, D] fp32
+    visible: torch.Tensor  # [B, H, n] or [B, H, q, n] bool (False on padding rows)
+    slots: torch.Tensor  # [B, H, n] slot of each row (padding rows: num_tokens)
 
 
-def _prepare(query: torch.Tensor, store: KVStore, scaling: float | None) -> torch.Tensor:
+class PackedKV(Protocol):
+    """What attention needs of a packed KV store (``kvcache.quant.store.KVStore`` implements it; this
+    floor defines it so that attention never imports the floor above)."""
+
+    head_dim: int
+    kv_heads: int
+    batch: int
+    num_tokens: int
+
+    def blocks(self, block_size: int, mask: torch.Tensor | None = None) -> Iterator[Block]:
+        """Dequantised fp32 blocks of at most ``block_size`` slots, each with its visibility and slot ids."""
+        ...
+
+
+def _prepare(query: torch.Tensor, store: PackedKV, scaling: float | None) -> torch.Tensor:
     """Scaled fp32 queries as ``[B, H_kv, G * q, D]`` (query heads of a KV group stacked; checks they fit)."""
     b, h_q, q, d = query.shape
     if d != store.head_dim:
@@ -49,7 +72,7 @@ def _block_logits(grouped: torch.Tensor, block: Block) -> torch.Tensor:
 
 def attend_packed(
     query: torch.Tensor,
-    store: KVStore,
+    store: PackedKV,
     mask: torch.Tensor | None = None,
     scaling: float | None = None,
     block_size: int = 512,
@@ -90,7 +113,7 @@ def attend_packed(
 
 def packed_probabilities(
     query: torch.Tensor,
-    store: KVStore,
+    store: PackedKV,
     mask: torch.Tensor | None = None,
     scaling: float | None = None,
     block_size: int = 512,

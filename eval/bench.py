@@ -82,7 +82,7 @@ def load(args: argparse.Namespace):
     if args.model in RANDOM_MODELS:
         import transformers as tf
 
-        from engine_adapters.hf import resolve_model
+        from kvcache.engine_adapters.hf import resolve_model
 
         tok = tf.AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))  # token ids only pick text; the vocab is larger
         config = tf.LlamaConfig(**RANDOM_MODELS[args.model], bos_token_id=1, eos_token_id=2)
@@ -90,7 +90,7 @@ def load(args: argparse.Namespace):
         with torch.device(args.device):
             model = tf.LlamaForCausalLM(config).to(dtype).eval()
         return model, tok
-    from engine_adapters.hf import load_model
+    from kvcache.engine_adapters.hf import load_model
 
     return load_model(args.model, dtype=dtype, device=args.device)
 
@@ -99,7 +99,7 @@ def prompts(tokenizer, length: int, batch: int):
     """``batch`` different natural-text prompts of exactly ``length`` tokens (kvlong haystack paragraphs)."""
     import torch
 
-    from eval.tasks.generate import load_haystack
+    from kvcache.eval.tasks.generate import load_haystack
 
     hay = load_haystack()
     ids = tokenizer("\n".join(hay), add_special_tokens=False).input_ids
@@ -157,7 +157,7 @@ def greedy_run(model, ids, new_tokens: int, device: str, cache) -> tuple[float, 
     """Prefill + ``new_tokens`` greedy tokens by hand: (time to first token, decode seconds, cache)."""
     import torch
 
-    from engine_adapters.hf.compat import with_cache
+    from kvcache.engine_adapters.hf.compat import with_cache
 
     def sync():
         if device.startswith("cuda"):
@@ -189,7 +189,7 @@ def measure(model, ids, args, policy: bool) -> dict[str, Any]:
 
     from transformers import DynamicCache
 
-    from engine_adapters.hf import kv_policy
+    from kvcache.engine_adapters.hf import kv_policy
 
     ctx = (kv_policy(model, args.policy, budget=args.budget, layer_budget=args.layer_budget, quant=args.quant)
            if policy else contextlib.nullcontext())
@@ -220,7 +220,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
     model, tok = load(args)
-    from engine_adapters.hf import kv_policy
+    from kvcache.engine_adapters.hf import kv_policy
 
     with kv_policy(model, args.policy, budget=args.budget, layer_budget=args.layer_budget, quant=args.quant):
         pass  # settings that depend on the model (a codec's group size vs head_dim) fail here, before any timing

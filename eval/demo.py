@@ -41,8 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from engine_adapters.hf import load_model
-    from engine_adapters.hf.generate_cli import run_generation
+    from kvcache.engine_adapters.hf import load_model
+    from kvcache.engine_adapters.hf.generate_cli import run_generation
     from kvcache.budget import parse_budget
 
     budget = parse_budget(args.kv_budget)

@@ -93,7 +93,7 @@ def _family(name: str, params: dict[str, Any]) -> str:
 
 
 def _our_method(name: str, params: dict[str, Any]) -> Method:
-    from engine_adapters.diffusers import cache_stats, disable_cache, enable_cache
+    from kvcache.engine_adapters.diffusers import cache_stats, disable_cache, enable_cache
 
     shown = {k: (Path(v).name if k == "predictor" else v) for k, v in params.items() if k != "coefficients"}
     return Method(_family(name, params), shown, lambda m: enable_cache(m, name, **params), disable_cache, cache_stats)
@@ -133,8 +133,8 @@ def _reset_external(model: torch.nn.Module) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from eval.dit import digits
-    from eval.dit.metrics import quality
+    from kvcache.eval.dit import digits
+    from kvcache.eval.dit.metrics import quality
 
     torch.set_num_threads(args.threads)
     model = digits.load_trained(Path(args.weights)) if args.weights else digits.load_trained()

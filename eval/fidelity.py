@@ -44,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def windows(tokenizer, n: int, tokens: int) -> list[list[int]]:
     """``n`` windows of ``tokens`` consecutive tokens of the haystack, evenly spaced."""
-    from eval.tasks.generate import load_haystack
+    from kvcache.eval.tasks.generate import load_haystack
 
     ids = tokenizer("\n".join(load_haystack()), add_special_tokens=False).input_ids
     if len(ids) < tokens:
@@ -58,7 +58,7 @@ def streamed_nll(model, session, prefix: list[int], cont: list[int], chunk: int,
     import torch
     import torch.nn.functional as F
 
-    from engine_adapters.hf.compat import output_cache, with_cache
+    from kvcache.engine_adapters.hf.compat import output_cache, with_cache
 
     ids = torch.tensor([prefix], device=device)
     cache = session.new_cache(len(cont)) if session is not None else None
@@ -92,8 +92,8 @@ def run_fidelity(args: argparse.Namespace) -> dict:
     from rouge_score import rouge_scorer
     from tqdm import tqdm
 
-    from engine_adapters.hf import kv_policy, load_model
-    from eval.sweep import machine
+    from kvcache.engine_adapters.hf import kv_policy, load_model
+    from kvcache.eval.sweep import machine
 
     model, tok = load_model(args.model, dtype=torch.float32, device=args.device)
     total = args.prefix_tokens + args.ppl_tokens

@@ -1,6 +1,6 @@
 """kvcache beside NVIDIA's kvpress: same model, same prompts, same keep fractions, for the policies both have.
 
-    python -m eval.kvpress_compare --tasks passkey_1k multikey_1k --limit 3 --keep 0.5 --out results/kvpress_smollm2
+    python -m kvcache.eval.kvpress_compare --tasks passkey_1k multikey_1k --limit 3 --keep 0.5 --out results/kvpress_smollm2
 
 kvpress (PyPI ``kvpress``) needs transformers < 5.3, so it lives in its own virtual environment; this
 script runs kvcache in the current one and re-runs itself there with ``--side kvpress`` (``--kvpress-python``,
@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from eval.tasks.utils import score
+from kvcache.eval.tasks.utils import score
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "eval" / "tasks" / "data"
@@ -84,7 +84,7 @@ def run_side(side: str, model_path: str, tasks: list[str], limit: int, keep: flo
         if policy == "full":
             return contextlib.nullcontext(None)
         if side == "kvcache":
-            from engine_adapters.hf import kv_policy
+            from kvcache.engine_adapters.hf import kv_policy
 
             return kv_policy(model, policy, budget=keep)
         import kvpress
@@ -164,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         result = run_side(a.side, a.model_path, a.tasks, a.limit, a.keep, a.policies, a.threads)
         print("RESULT " + json.dumps(result))
         return 0
-    from engine_adapters.hf import resolve_model
-    from eval.sweep import machine
+    from kvcache.engine_adapters.hf import resolve_model
+    from kvcache.eval.sweep import machine
 
     path = str(resolve_model(a.model))
     if not Path(a.kvpress_python).exists():
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         common += ["--threads", str(a.threads)]
     result: dict[str, Any] = {"model": a.model, "keep": a.keep, "tasks": a.tasks, "limit": a.limit, "machine": machine("cpu")}
     result["kvcache"] = run_side("kvcache", path, a.tasks, a.limit, a.keep, a.policies, a.threads)
-    proc = subprocess.run([a.kvpress_python, "-m", "eval.kvpress_compare", "--side", "kvpress", *common], cwd=ROOT,
+    proc = subprocess.run([a.kvpress_python, "-m", "kvcache.eval.kvpress_compare", "--side", "kvpress", *common], cwd=ROOT,
                           capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:

@@ -37,7 +37,7 @@ def decode_seconds_per_token(model: Any, ids: Any, new_tokens: int) -> tuple[flo
     """(seconds per decode step after the first, prefill seconds) of one greedy generate call."""
     import torch
 
-    from engine_adapters.hf.generate_cli import StepClock
+    from kvcache.engine_adapters.hf.generate_cli import StepClock
 
     clock = StepClock()
     with torch.no_grad():
@@ -52,8 +52,8 @@ def decode_seconds_per_token(model: Any, ids: Any, new_tokens: int) -> tuple[flo
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from engine_adapters.hf import kv_policy, load_model
-    from eval.bench import machine, prompts
+    from kvcache.engine_adapters.hf import kv_policy, load_model
+    from kvcache.eval.bench import machine, prompts
     from kvcache.budget import check_budget, tokens_for
 
     check_budget(args.budget)

@@ -7,7 +7,7 @@ is lm-eval's own (``--output_path``).
         --tasks kvlong_1k --batch_size 4 --limit 8 --output_path results/lm_eval
 
 lm-eval finds models only through its built-in table (no entry points), so the stock ``lm_eval`` command
-cannot see ``--model kvcache``; ``python -m eval.lm_eval_cli`` is the same as ``kvcache eval``.
+cannot see ``--model kvcache``; ``python -m kvcache.eval.lm_eval_cli`` is the same as ``kvcache eval``.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def include_paths(user_path: str | list[str] | None) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import eval.lm_eval_model  # noqa: F401  registers --model kvcache
+    import kvcache.eval.lm_eval_model  # noqa: F401  registers --model kvcache
     from lm_eval._cli import HarnessCLI
     from lm_eval.utils import setup_logging
 

@@ -18,7 +18,7 @@
 * ``kv_<param>``       any other ``kv_`` key is a parameter of the eviction policy, e.g. ``kv_window=0.2``
                        (lm-eval splits ``model_args`` on commas, so ``keyformer:window=0.2,...`` cannot be used).
 
-``generate_until`` runs ``model.generate`` inside :func:`engine_adapters.hf.kv_policy` (the cache compresses
+``generate_until`` runs ``model.generate`` inside :func:`kvcache.engine_adapters.hf.kv_policy` (the cache compresses
 at the prompt and, for every-step policies, while decoding). ``loglikelihood`` first runs the context
 through the model (the cache compresses) and then scores the continuation against the compressed cache,
 so the policy changes the score; a single forward over context + continuation would attend over the full
@@ -37,7 +37,7 @@ from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
 import kvcache
-from engine_adapters.hf.compat import with_cache
+from kvcache.engine_adapters.hf.compat import with_cache
 from kvcache.registry import PolicyConfigError
 
 KV_KEYS = ("kv_policy", "kv_budget", "kv_layer_budget", "kv_attention", "kv_quant", "kv_ll_chunk")
@@ -109,7 +109,7 @@ class KVCacheLM(HFLM):
     def __init__(self, pretrained: Any = "smollm2-135m", **kwargs: Any) -> None:
         kv, kwargs = split_kv_args(kwargs)
         if isinstance(pretrained, str):
-            from engine_adapters.hf import resolve_model
+            from kvcache.engine_adapters.hf import resolve_model
 
             try:
                 pretrained = str(resolve_model(pretrained))
@@ -122,7 +122,7 @@ class KVCacheLM(HFLM):
         super().__init__(pretrained=pretrained, **kwargs)
         self.kv_settings = kv["settings"]
         self.kv_ll_chunk = kv["ll_chunk"]
-        from engine_adapters.hf import kv_policy
+        from kvcache.engine_adapters.hf import kv_policy
 
         self._kv_stack = contextlib.ExitStack()
         self.kv_session = self._kv_stack.enter_context(kv_policy(self.model, **self.kv_settings))

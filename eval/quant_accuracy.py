@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from tqdm import tqdm
 
-    from engine_adapters.hf import kv_policy, load_model
-    from engine_adapters.hf.generate_cli import encode
+    from kvcache.engine_adapters.hf import kv_policy, load_model
+    from kvcache.engine_adapters.hf.generate_cli import encode
 
     model, tokenizer = load_model(args.model)
     samples = [(task, s) for task in TASKS for s in load_samples(task, args.samples)]

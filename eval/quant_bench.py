@@ -22,7 +22,8 @@ import time
 import torch
 
 import kvcache
-from attention.quantized import attend_packed
+from kvcache.quant.store import KVStore
+from kvcache.attention.quantized import attend_packed
 from kvcache.quant.saliency import attention_saliency, probe_positions
 
 DEFAULT_CODECS = ["none", "kivi:bits=2", "kivi:bits=4", "zipcache"]
@@ -59,7 +60,7 @@ def synthetic_kv(kv_heads: int, tokens: int, head_dim: int, gen: torch.Generator
 def filled_store(spec: str, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor, prompt: int, gen: torch.Generator) -> kvcache.quant.KVStore:
     """A fp16 store of ``keys``/``values``: the first ``prompt`` as one append, the rest one per step."""
     head_dim = keys.shape[-1]
-    store = kvcache.create("quant", spec).new_store(head_dim, torch.float16)
+    store = KVStore(kvcache.create("quant", spec), head_dim, torch.float16)
     scaling = 1 / math.sqrt(head_dim)
     probes = probe_positions(prompt, generator=gen)
     sal = None
@@ -148,7 +149,7 @@ def speed(args: argparse.Namespace) -> list[dict[str, object]]:
         }
         for spec in args.speed_codecs:
             sal = torch.rand(1, args.kv_heads, length, generator=gen)
-            store = kvcache.create("quant", spec).new_store(head_dim, torch.float16)
+            store = KVStore(kvcache.create("quant", spec), head_dim, torch.float16)
             store.append(keys, values, sal)
             row[f"attend_packed_{spec}_ms"] = _median_ms(lambda s=store: attend_packed(query, s, block_size=args.block_size), args.repeats)
         rows.append(row)
@@ -163,7 +164,7 @@ def capture_model_kv(name: str, tokens: int) -> list[tuple[torch.Tensor, torch.T
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from engine_adapters.hf.models import load_model
+    from kvcache.engine_adapters.hf.models import load_model
 
     captured: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 

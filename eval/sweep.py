@@ -101,8 +101,8 @@ def run_sweep(args: argparse.Namespace) -> dict:
     from lm_eval.tasks import TaskManager
     from tqdm import tqdm
 
-    from engine_adapters.hf import load_model
-    from eval.lm_eval_model import KVCacheLM, parse_budget
+    from kvcache.engine_adapters.hf import load_model
+    from kvcache.eval.lm_eval_model import KVCacheLM, parse_budget
 
     out_json = args.out / "sweep.json"
     budgets = [parse_budget(b) for b in args.budgets]
@@ -210,7 +210,7 @@ def markdown_table(data: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine_adapters.hf import resolve_model
+    from kvcache.engine_adapters.hf import resolve_model
 
     if any(not 0 < b <= 1 for b in args.budgets):
         raise SystemExit("kvcache sweep: --budgets are fractions in (0, 1]")

@@ -1,13 +1,13 @@
 """Concurrency benchmark of the vLLM plugin: a deliberately small KV pool, many long requests.
 
 For stock vLLM and each eviction policy, on the same engine and the same pool (one engine, settings
-swapped between runs with ``engine_adapters.vllm.inprocess.reconfigure``; "stock" is the plugin inert,
+swapped between runs with ``kvcache.engine_adapters.vllm.inprocess.reconfigure``; "stock" is the plugin inert,
 whose scheduler calls vLLM's own code unchanged — the engine tests check it reproduces stock vLLM token
 for token), it submits N requests at once and steps the engine, recording after every step the number
 of running requests and the KV blocks in use. Reports max and mean concurrent running requests, peak
 KV blocks, wall time, decode and total throughput, as JSON plus a PNG.
 
-    python -m eval.vllm_bench --out results/vllm          # needs kvcache[vllm]
+    python -m kvcache.eval.vllm_bench --out results/vllm          # needs kvcache[vllm]
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def long_prompt(tokenizer: Any, n_tokens: int, seed: int) -> list[int]:
 def run_config(llm: Any, prompts: list[list[int]], max_tokens: int, settings: dict[str, Any] | None) -> dict[str, Any]:
     from vllm import SamplingParams
 
-    from engine_adapters.vllm import inprocess
+    from kvcache.engine_adapters.vllm import inprocess
 
     inprocess.reconfigure(llm, settings)
     sched = inprocess.scheduler(llm)
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
     from vllm import LLM
 
-    from engine_adapters.hf.models import resolve_model
+    from kvcache.engine_adapters.hf.models import resolve_model
 
     model = str(resolve_model(args.model))
     tokenizer = AutoTokenizer.from_pretrained(model)

@@ -15,18 +15,18 @@ from kvcache.registry import UsageError
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "policies": ("kvcache.policies_cli", "list registered policies with their parameters and defaults"),
-    "models": ("engine_adapters.hf.models_cli", "list the embedded models, or print a converted model folder"),
-    "generate": ("engine_adapters.hf.generate_cli", "generate with a KV policy on a Hugging Face model"),
-    "demo": ("eval.demo", "full cache beside compressed ones on a long built-in document"),
-    "dit-bench": ("eval.dit_bench", "DiT feature-cache policies: speedup, blocks skipped and PSNR/SSIM on the trained digits DiT"),
-    "teacache-calibrate": ("engine_adapters.diffusers.teacache_calibrate", "fit TeaCache's rescaling polynomial for a DiT from a few uncached runs"),
-    "serve": ("engine_adapters.vllm.launcher", "vLLM's OpenAI-compatible server with --kv-policy/--kv-budget (needs kvcache[vllm])"),
-    "eval": ("eval.lm_eval_cli", "lm-eval-harness with --model kvcache and the kvlong tasks (every lm-eval option)"),
-    "sweep": ("eval.sweep", "accuracy vs KV budget on the kvlong suite: policies x budgets, JSON table + PNG plots"),
-    "fidelity": ("eval.fidelity", "long-text perplexity and ROUGE-L vs the full cache's output, per policy and budget"),
-    "limit-bench": ("eval.limit_bench", "decode speed of a compressed cache of C tokens vs a full cache of C tokens"),
-    "bench": ("eval.bench", "decode tokens/s, TTFT, KV bytes and peak memory of a policy vs the full cache"),
-    "quant-bench": ("eval.quant_bench", "bytes, round-trip error and CPU attention speed of the KV quantisation codecs"),
+    "models": ("kvcache.engine_adapters.hf.models_cli", "list the embedded models, or print a converted model folder"),
+    "generate": ("kvcache.engine_adapters.hf.generate_cli", "generate with a KV policy on a Hugging Face model"),
+    "demo": ("kvcache.eval.demo", "full cache beside compressed ones on a long built-in document"),
+    "dit-bench": ("kvcache.eval.dit_bench", "DiT feature-cache policies: speedup, blocks skipped and PSNR/SSIM on the trained digits DiT"),
+    "teacache-calibrate": ("kvcache.eval.teacache_calibrate", "fit TeaCache's rescaling polynomial for a DiT from a few uncached runs"),
+    "serve": ("kvcache.engine_adapters.vllm.launcher", "vLLM's OpenAI-compatible server with --kv-policy/--kv-budget (needs kvcache[vllm])"),
+    "eval": ("kvcache.eval.lm_eval_cli", "lm-eval-harness with --model kvcache and the kvlong tasks (every lm-eval option)"),
+    "sweep": ("kvcache.eval.sweep", "accuracy vs KV budget on the kvlong suite: policies x budgets, JSON table + PNG plots"),
+    "fidelity": ("kvcache.eval.fidelity", "long-text perplexity and ROUGE-L vs the full cache's output, per policy and budget"),
+    "limit-bench": ("kvcache.eval.limit_bench", "decode speed of a compressed cache of C tokens vs a full cache of C tokens"),
+    "bench": ("kvcache.eval.bench", "decode tokens/s, TTFT, KV bytes and peak memory of a policy vs the full cache"),
+    "quant-bench": ("kvcache.eval.quant_bench", "bytes, round-trip error and CPU attention speed of the KV quantisation codecs"),
 }
 
 

@@ -7,9 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
-from attention.backends import attend
-from attention.scoring import column_sums, visibility, window_probabilities
-from engine_adapters.hf.cache import PolicyLayer
+from kvcache.attention.backends import attend
+from kvcache.attention.scoring import column_sums, visibility, window_probabilities
+from kvcache.engine_adapters.hf.cache import PolicyLayer
 
 
 class _Module(torch.nn.Module):
@@ -70,7 +70,7 @@ def test_column_sums_and_window_probs_match_the_dense_softmax():
     allowed = visibility(index, valid, q_index)[:, :, None]
     z = (queries.reshape(2, 2, 2, 50, 8) @ keys[:, :, None].transpose(-1, -2)) * 8**-0.5
     dense = torch.softmax(z.masked_fill(~allowed, float("-inf")), dim=-1)
-    import attention.scoring as scoring
+    import kvcache.attention.scoring as scoring
 
     old = scoring.CHUNK_ELEMENTS
     scoring.CHUNK_ELEMENTS = 2 * 4 * 50 * 7  # force 8 query chunks

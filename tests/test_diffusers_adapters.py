@@ -10,7 +10,7 @@ pytest.importorskip("diffusers")
 
 import kvcache  # noqa: E402
 from kvcache.feature import EXACT_SETTINGS  # noqa: E402
-from engine_adapters.diffusers import (  # noqa: E402
+from kvcache.engine_adapters.diffusers import (  # noqa: E402
     SUPPORTED_MODELS,
     UnsupportedModelError,
     cache_stats,

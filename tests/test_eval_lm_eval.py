@@ -12,8 +12,8 @@ import pytest
 pytest.importorskip("lm_eval")
 import torch  # noqa: E402
 
-from eval import lm_eval_model  # noqa: E402
-from eval.lm_eval_model import KVCacheLM, KVModelArgsError, split_kv_args  # noqa: E402
+from kvcache.eval import lm_eval_model  # noqa: E402
+from kvcache.eval.lm_eval_model import KVCacheLM, KVModelArgsError, split_kv_args  # noqa: E402
 
 TASKS_DIR = Path(lm_eval_model.__file__).resolve().parent / "tasks"
 
@@ -59,7 +59,7 @@ def tiny_folder(tmp_path_factory) -> Path:
     """A random 2-layer Llama (GQA) saved with the embedded model's tokenizer."""
     import transformers as tf
 
-    from engine_adapters.hf import resolve_model
+    from kvcache.engine_adapters.hf import resolve_model
 
     folder = tmp_path_factory.mktemp("tiny_llama")
     source = resolve_model("smollm2-135m")
@@ -175,8 +175,8 @@ def test_unknown_model_is_a_clear_error():
 
 
 def test_cli_forwards_to_lm_eval(capsys, tmp_path):
-    from eval.lm_eval_cli import TASKS_DIR as cli_tasks
-    from eval.lm_eval_cli import include_paths, lm_eval_argv
+    from kvcache.eval.lm_eval_cli import TASKS_DIR as cli_tasks
+    from kvcache.eval.lm_eval_cli import include_paths, lm_eval_argv
 
     assert lm_eval_argv(["--model", "kvcache", "--tasks", "kvlong"]) == ["run", "--model", "kvcache", "--tasks", "kvlong"]
     assert include_paths(None) == [str(cli_tasks)]

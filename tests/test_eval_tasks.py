@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from eval.tasks import generate as gen
-from eval.tasks import utils as task_utils
+from kvcache.eval.tasks import generate as gen
+from kvcache.eval.tasks import utils as task_utils
 
 TASKS_DIR = Path(gen.__file__).resolve().parent
 
@@ -32,9 +32,9 @@ def test_shipped_suite_is_what_the_generator_writes(tmp_path):
     gen.write_suite(tmp_path, list(gen.DEFAULT_LENGTHS), gen.DEFAULT_SAMPLES, gen.DEFAULT_SEED, gen.load_haystack(), progress=False)
     fresh = _files(tmp_path)
     shipped = {k: v for k, v in _files(TASKS_DIR).items() if k in fresh}
-    assert set(fresh) == set(shipped), "run `python -m eval.tasks.generate` and commit eval/tasks"
+    assert set(fresh) == set(shipped), "run `python -m kvcache.eval.tasks.generate` and commit eval/tasks"
     stale = [k for k in fresh if fresh[k] != shipped[k]]
-    assert not stale, f"stale generated files {stale[:5]}: run `python -m eval.tasks.generate`"
+    assert not stale, f"stale generated files {stale[:5]}: run `python -m kvcache.eval.tasks.generate`"
 
 
 def _shipped_rows():

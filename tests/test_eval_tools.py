@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("lm_eval")
 from test_eval_lm_eval import tiny_folder  # noqa: E402,F401  (fixture)
 
-from eval import bench, fidelity, sweep  # noqa: E402
+from kvcache.eval import bench, fidelity, sweep  # noqa: E402
 
 
 def _args(module, argv: list[str]) -> argparse.Namespace:

@@ -17,7 +17,7 @@ PREDICTOR = Path(__file__).resolve().parents[1] / "eval" / "dit" / "weights" / "
 
 
 def test_metrics_against_hand_computed_values() -> None:
-    from eval.dit.metrics import psnr, quality, ssim
+    from kvcache.eval.dit.metrics import psnr, quality, ssim
 
     a = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     assert quality(a, a) == {"mse": 0.0, "psnr": math.inf, "ssim": pytest.approx(1.0)}
@@ -32,7 +32,7 @@ def test_metrics_against_hand_computed_values() -> None:
 
 def test_teacache_fit_recovers_a_known_polynomial() -> None:
     pytest.importorskip("diffusers")
-    from engine_adapters.diffusers.teacache_calibrate import fit
+    from kvcache.eval.teacache_calibrate import fit
 
     xs = np.linspace(0.01, 0.5, 40)
     coeffs = fit([(x, 3 * x**2 - 0.5 * x + 0.2) for x in xs], degree=2)
@@ -43,8 +43,8 @@ def test_teacache_fit_recovers_a_known_polynomial() -> None:
 
 def test_teacache_pairs_recorded_on_a_real_pipeline() -> None:
     pytest.importorskip("diffusers")
-    from engine_adapters.diffusers import tiny
-    from engine_adapters.diffusers.teacache_calibrate import record_pairs
+    from kvcache.engine_adapters.diffusers import tiny
+    from kvcache.eval.teacache_calibrate import record_pairs
 
     torch.set_num_threads(1)
     pipe, kwargs = tiny.BUILDERS["PixArtTransformer2DModel"]()

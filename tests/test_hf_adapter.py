@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import FAMILIES, padded_batch
-from engine_adapters.hf import kv_policy
-from engine_adapters.hf.cache import GROW_TOKENS, PolicyCache
+from kvcache.engine_adapters.hf import kv_policy
+from kvcache.engine_adapters.hf.cache import GROW_TOKENS, PolicyCache
 from kvcache.registry import PolicyConfigError
 
 POLICIES = ["full", "streaming", "h2o", "snapkv", "keyformer"]

@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import padded_batch
 
-from engine_adapters.hf import kv_policy
-from engine_adapters.hf.cache import PolicyLayer, QuantPolicyLayer
+from kvcache.engine_adapters.hf import kv_policy
+from kvcache.engine_adapters.hf.cache import PolicyLayer, QuantPolicyLayer
 from kvcache.registry import PolicyConfigError
 
 # codecs sized for the tiny models' 16-channel heads and short prompts, so tokens really get quantised

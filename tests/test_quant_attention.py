@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kvcache
-from attention.quantized import attend_packed, packed_probabilities
+from kvcache.quant.store import KVStore
+from kvcache.attention.quantized import attend_packed, packed_probabilities
 from kvcache.quant.saliency import attention_saliency, normalized_attention, probe_positions
 
 D = 16
@@ -31,7 +32,7 @@ def reference(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mas
 
 def _filled_store(spec: str, b: int, h_kv: int, prompt: int, steps: int, seed: int) -> kvcache.quant.KVStore:
     gen = torch.Generator().manual_seed(seed)
-    store = kvcache.create("quant", spec).new_store(D, torch.float32)
+    store = KVStore(kvcache.create("quant", spec), D, torch.float32)
     for t in [prompt] + [1] * steps:
         k, v = torch.randn(b, h_kv, t, D, generator=gen), torch.randn(b, h_kv, t, D, generator=gen)
         store.append(k, v, torch.rand(b, h_kv, store.num_tokens + t, generator=gen))
@@ -106,7 +107,7 @@ def test_fully_masked_query_gives_zeros_and_shapes_are_checked() -> None:
 
 
 def test_attend_packed_in_half_precision_store() -> None:
-    store = kvcache.create("quant", "zipcache:streaming_gap=4").new_store(D, torch.bfloat16)
+    store = KVStore(kvcache.create("quant", "zipcache:streaming_gap=4"), D, torch.bfloat16)
     k, v = torch.randn(1, 1, 30, D), torch.randn(1, 1, 30, D)
     store.append(k, v, torch.rand(1, 1, 30))
     query = torch.randn(1, 2, 1, D, dtype=torch.bfloat16)
@@ -152,7 +153,7 @@ def test_attention_saliency_with_causal_probe_queries() -> None:
 def test_decode_step_recipe_saliency_from_the_step_attention() -> None:
     """append(flush=False) -> attend -> probabilities -> saliency -> flush: the tokens quantised at the
     gap get their bit width from the current query's attention, computed once for output and saliency."""
-    store = kvcache.create("quant", "zipcache:streaming_gap=6,ratio=0.5").new_store(D, torch.float32)
+    store = KVStore(kvcache.create("quant", "zipcache:streaming_gap=6,ratio=0.5"), D, torch.float32)
     gen = torch.Generator().manual_seed(3)
     k, v = torch.randn(1, 2, 12, D, generator=gen), torch.randn(1, 2, 12, D, generator=gen)
     store.append(k[:, :, :6], v[:, :, :6], torch.rand(1, 2, 6, generator=gen))

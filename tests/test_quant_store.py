@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kvcache
+from kvcache.quant.store import KVStore
 from kvcache.registry import PolicyConfigError
 from kvcache.selector import select_keep
 
@@ -57,15 +58,15 @@ def test_bad_configs_name_the_valid_choices(spec: str, message: str) -> None:
 
 def test_group_size_must_divide_head_dim() -> None:
     with pytest.raises(PolicyConfigError, match="group_size 48 does not divide head_dim 64; valid group sizes: 1, 2, 4, 8, 16, 32, 64"):
-        kvcache.create("quant", "kivi:group_size=48").new_store(64)
+        KVStore(kvcache.create("quant", "kivi:group_size=48"), 64)
     with pytest.raises(PolicyConfigError, match="head_dim must be a multiple of 4"):
-        kvcache.create("quant", "zipcache").new_store(6)
+        KVStore(kvcache.create("quant", "zipcache"), 6)
 
 
 # ---------------------------------------------------------------------------------------- none codec
 def test_none_is_the_identity() -> None:
     k, v = _kv(2, 3, 37)
-    store = kvcache.create("quant", "none").new_store(D, torch.float16)
+    store = KVStore(kvcache.create("quant", "none"), D, torch.float16)
     store.append(k, v)
     k2, v2 = store.dequantize()
     assert torch.equal(k2, k.half()) and torch.equal(v2, v.half())
@@ -84,7 +85,7 @@ def _kivi_quantised(tokens: int) -> int:
 @pytest.mark.parametrize("tokens", [R - 1, R, R + 1, R + G - 1, R + G, R + G + 1, 3 * R + 2])
 def test_kivi_residual_window_at_prefill(tokens: int) -> None:
     k, v = _kv(1, 2, tokens)
-    store = kvcache.create("quant", f"kivi:residual={R},group_size={G}").new_store(D, torch.float32)
+    store = KVStore(kvcache.create("quant", f"kivi:residual={R},group_size={G}"), D, torch.float32)
     store.append(k, v)
     n_q = _kivi_quantised(tokens)
     assert store.quantized_count().flatten().tolist() == [n_q, n_q]
@@ -97,7 +98,7 @@ def test_kivi_residual_window_at_prefill(tokens: int) -> None:
 
 def test_kivi_residual_window_while_decoding() -> None:
     k, v = _kv(1, 2, R + 2 * G + 2)
-    store = kvcache.create("quant", f"kivi:residual={R},group_size={G}").new_store(D, torch.float32)
+    store = KVStore(kvcache.create("quant", f"kivi:residual={R},group_size={G}"), D, torch.float32)
     for t in range(k.shape[2]):
         assert store.will_flush(1) == (_kivi_quantised(t + 1) > _kivi_quantised(t))
         store.append(k[:, :, t : t + 1], v[:, :, t : t + 1])
@@ -111,7 +112,7 @@ GAP = 5
 
 def _zip(gap: int = GAP, **params: object) -> kvcache.quant.KVStore:
     spec = ",".join(f"{k}={v}" for k, v in {"streaming_gap": gap, **params}.items())
-    return kvcache.create("quant", f"zipcache:{spec}").new_store(D, torch.float32)
+    return KVStore(kvcache.create("quant", f"zipcache:{spec}"), D, torch.float32)
 
 
 def _append_scored(store: kvcache.quant.KVStore, k: torch.Tensor, v: torch.Tensor, seed: int = 0) -> None:
@@ -172,7 +173,7 @@ def test_salient_tokens_get_the_high_bit_width(tokens: int, ratio: float, seed: 
 def test_salient_tokens_are_reconstructed_better() -> None:
     store = _zip(gap=1)
     k, v = _kv(1, 2, 200, d=64, seed=3)
-    store = kvcache.create("quant", "zipcache:streaming_gap=1").new_store(64, torch.float32)
+    store = KVStore(kvcache.create("quant", "zipcache:streaming_gap=1"), 64, torch.float32)
     store.append(k, v, torch.rand(1, 2, 200, generator=torch.Generator().manual_seed(1)))
     k2, v2 = store.dequantize()
     high = store.bit_widths() == 4
@@ -196,7 +197,7 @@ CODECS = ["none", "kivi", "kivi:bits=4", "kivi:group_size=8,residual=16", "zipca
 )
 def test_measured_bytes_match_the_formula(spec: str, tokens: int, head_dim: int, batch: int, heads: int, dtype: torch.dtype) -> None:
     codec = kvcache.create("quant", spec)
-    store = codec.new_store(head_dim, dtype)
+    store = KVStore(codec, head_dim, dtype)
     k, v = _kv(batch, heads, tokens, head_dim)
     store.append(k, v, torch.rand(batch, heads, tokens))
     assert store.nbytes() == codec.bytes_formula(tokens, head_dim, batch, heads, dtype)
@@ -207,7 +208,7 @@ def test_measured_bytes_match_the_formula(spec: str, tokens: int, head_dim: int,
 
 def test_zipcache_defaults_compress_at_least_4_5x() -> None:
     tokens, head_dim = 4096, 64
-    store = kvcache.create("quant", "zipcache").new_store(head_dim, torch.float16)
+    store = KVStore(kvcache.create("quant", "zipcache"), head_dim, torch.float16)
     k, v = _kv(1, 3, tokens, head_dim)
     store.append(k, v, torch.rand(1, 3, tokens))
     sixteen_bit = 2 * 3 * tokens * head_dim * 2
@@ -234,7 +235,7 @@ def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     seed=st.integers(0, 999),
 )
 def test_keep_holds_exactly_the_kept_tokens(spec: str, prompt: int, steps: int, keep_frac: float, seed: int) -> None:
-    store = kvcache.create("quant", spec).new_store(D, torch.float32)
+    store = KVStore(kvcache.create("quant", spec), D, torch.float32)
     k, v = _kv(2, 3, prompt + steps, seed=seed)
     _append_scored(store, k[:, :, :prompt], v[:, :, :prompt], seed)
     for t in range(prompt, prompt + steps):
@@ -262,7 +263,7 @@ def test_keep_holds_exactly_the_kept_tokens(spec: str, prompt: int, steps: int, 
 
 
 def test_keep_frees_memory_and_checks_indices() -> None:
-    store = kvcache.create("quant", "kivi:residual=16,group_size=8").new_store(D, torch.float16)
+    store = KVStore(kvcache.create("quant", "kivi:residual=16,group_size=8"), D, torch.float16)
     k, v = _kv(1, 2, 200)
     store.append(k, v)
     full = store.nbytes()
@@ -286,7 +287,7 @@ def test_keep_frees_memory_and_checks_indices() -> None:
 def test_saliency_and_eviction_scores_from_one_set_of_statistics() -> None:
     """SnapKV-style window votes and ZipCache saliency from the same probabilities; the store then holds
     exactly the selector's tokens, at the bit widths the saliency ranking gives them."""
-    from attention.scoring import visibility, window_probabilities
+    from kvcache.attention.scoring import visibility, window_probabilities
     from kvcache.quant.saliency import normalized_attention
 
     b, h_kv, g, t, w = 1, 2, 3, 80, 8
@@ -302,7 +303,7 @@ def test_saliency_and_eviction_scores_from_one_set_of_statistics() -> None:
     saliency = normalized_attention(probs, visible=visible)  # ZipCache's saliency
     protected = key_index >= t - w
     keep, _ = select_keep(votes, key_valid, protected, torch.tensor([40]), 40)
-    store = kvcache.create("quant", "zipcache:streaming_gap=16").new_store(D, torch.float32)
+    store = KVStore(kvcache.create("quant", "zipcache:streaming_gap=16"), D, torch.float32)
     store.append(keys, values, saliency)
     before_k, _ = store.dequantize()
     store.keep(keep)
@@ -316,7 +317,7 @@ def test_saliency_and_eviction_scores_from_one_set_of_statistics() -> None:
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_kivi_store_round_trip_within_each_elements_bound(bits: int) -> None:
     g, r, t = 8, 16, 100
-    store = kvcache.create("quant", f"kivi:bits={bits},group_size={g},residual={r}").new_store(D, torch.float32)
+    store = KVStore(kvcache.create("quant", f"kivi:bits={bits},group_size={g},residual={r}"), D, torch.float32)
     k, v = _kv(2, 3, t, seed=bits)
     store.append(k, v)
     n_q = max(0, (t - r) // g) * g

@@ -6,9 +6,9 @@ import argparse
 
 import pytest
 
-from engine_adapters.vllm import config as kvconfig
-from engine_adapters.vllm.config import KVPluginError
-from engine_adapters.vllm.plan import Planner, StepPlan
+from kvcache.engine_adapters.vllm import config as kvconfig
+from kvcache.engine_adapters.vllm.config import KVPluginError
+from kvcache.engine_adapters.vllm.plan import Planner, StepPlan
 
 
 def test_inert_without_policy():
@@ -47,7 +47,7 @@ def test_bad_budget():
 def test_layer_budgets_refused_naming_hf_adapter(layer_budget):
     with pytest.raises(KVPluginError) as err:
         kvconfig.parse({"kv_policy": "snapkv", "kv_layer_budget": layer_budget})
-    assert "not supported in vLLM" in str(err.value) and "engine_adapters.hf" in str(err.value)
+    assert "not supported in vLLM" in str(err.value) and "kvcache.engine_adapters.hf" in str(err.value)
 
 
 def test_uniform_layer_budget_and_unknown_layer_budget():
@@ -81,7 +81,7 @@ def test_fold_cli_args_flags_win():
 
 
 def test_add_kv_arguments_to_a_parser():
-    from engine_adapters.vllm.plugin import add_kv_arguments, fold_namespace
+    from kvcache.engine_adapters.vllm.plugin import add_kv_arguments, fold_namespace
 
     parser = add_kv_arguments(argparse.ArgumentParser())
     add_kv_arguments(parser)  # idempotent

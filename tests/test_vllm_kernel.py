@@ -10,7 +10,7 @@ pytest.importorskip("vllm")
 ops = pytest.importorskip("vllm._custom_ops")
 cpu_attn = pytest.importorskip("vllm.v1.attention.backends.cpu_attn")
 
-from engine_adapters.vllm.layout import gather_tokens, probe_tile_layout, write_tokens  # noqa: E402
+from kvcache.engine_adapters.vllm.layout import gather_tokens, probe_tile_layout, write_tokens  # noqa: E402
 
 H_KV, GROUP, D = 3, 3, 64
 H_Q = H_KV * GROUP

@@ -9,15 +9,15 @@ pytest.importorskip("vllm")
 from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs  # noqa: E402
 from vllm.utils.argparse_utils import FlexibleArgumentParser  # noqa: E402
 
-from engine_adapters.vllm import plugin  # noqa: E402
-from engine_adapters.vllm.config import KVPluginError  # noqa: E402
+from kvcache.engine_adapters.vllm import plugin  # noqa: E402
+from kvcache.engine_adapters.vllm.config import KVPluginError  # noqa: E402
 
 
 def test_entry_point_is_registered():
     from importlib.metadata import entry_points
 
     names = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
-    assert names.get("kvcache") == "engine_adapters.vllm:register"
+    assert names.get("kvcache") == "kvcache.engine_adapters.vllm:register"
 
 
 def test_flags_reach_vllms_parser_and_fold_into_additional_config():
@@ -91,12 +91,12 @@ def test_unsupported_vllm_version_refused_only_with_a_policy(monkeypatch):
 
 def test_layer_budget_refused_through_engine_args():
     engine_args = EngineArgs(model="m", enforce_eager=True, additional_config={"kv_policy": "snapkv", "kv_layer_budget": "cake"})
-    with pytest.raises(KVPluginError, match="engine_adapters.hf"):
+    with pytest.raises(KVPluginError, match="kvcache.engine_adapters.hf"):
         plugin.prepare_engine_args(engine_args)
 
 
 def test_launcher_parses_vllm_serve_arguments():
-    from engine_adapters.vllm.launcher import parse_serve_args
+    from kvcache.engine_adapters.vllm.launcher import parse_serve_args
 
     args, _ = parse_serve_args(["/some/model", "--kv-policy", "snapkv", "--kv-budget", "0.25", "--port", "8123"])
     assert args.model_tag == "/some/model" and args.port == 8123

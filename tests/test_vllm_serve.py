@@ -122,4 +122,4 @@ def test_layer_budget_refused_at_launch_naming_hf_adapter():
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode != 0
-    assert "not supported in vLLM" in proc.stderr and "engine_adapters.hf" in proc.stderr
+    assert "not supported in vLLM" in proc.stderr and "kvcache.engine_adapters.hf" in proc.stderr

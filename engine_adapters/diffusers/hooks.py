@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import torch
 
 import kvcache
-from engine_adapters.diffusers.contracts import (
+from kvcache.engine_adapters.diffusers.contracts import (
     _CONTRACTS,
     ArgAccess,
     BlockContract,
@@ -285,7 +285,7 @@ def _split(obj: Any) -> tuple[list[torch.nn.Module], Any]:
 def enable_cache(obj: Any, policy: str | dict | FeaturePolicy, **params: Any) -> FeaturePolicy:
     """Attach feature policy ``policy`` (a registry name/spec or a created policy) to a pipeline or transformer.
 
-    Replaces any policy attached before. Raises :class:`~engine_adapters.diffusers.contracts.UnsupportedModelError`
+    Replaces any policy attached before. Raises :class:`~kvcache.engine_adapters.diffusers.contracts.UnsupportedModelError`
     for a transformer without a block contract and :class:`kvcache.PolicyConfigError` for bad parameters.
     """
     if isinstance(policy, FeaturePolicy):

@@ -3,8 +3,8 @@
 Needs the ``hf`` extra (transformers, accelerate, gguf).
 """
 
-from engine_adapters.hf.adapter import SUPPORTED_FAMILIES, KVSession, kv_policy
-from engine_adapters.hf.cache import PolicyCache, PolicyLayer
-from engine_adapters.hf.models import load_model, resolve_model
+from kvcache.engine_adapters.hf.adapter import SUPPORTED_FAMILIES, KVSession, kv_policy
+from kvcache.engine_adapters.hf.cache import PolicyCache, PolicyLayer
+from kvcache.engine_adapters.hf.models import load_model, resolve_model
 
 __all__ = ["SUPPORTED_FAMILIES", "KVSession", "PolicyCache", "PolicyLayer", "kv_policy", "load_model", "resolve_model"]

@@ -2,7 +2,7 @@
 
 Inside the context the model's attention goes through :func:`policy_attention`, which attends over the
 layer's compacted slots and then lets the cache score and evict; ``generate`` and plain forward calls
-get a :class:`~engine_adapters.hf.cache.PolicyCache`. Leaving the context restores the model.
+get a :class:`~kvcache.engine_adapters.hf.cache.PolicyCache`. Leaving the context restores the model.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import kvcache
-from attention.backends import BACKENDS, attend
-from attention.quantized import attend_packed, packed_probabilities
-from engine_adapters.hf.cache import CompressionPlan, PolicyCache, PolicyLayer, QuantPolicyLayer
-from engine_adapters.hf.compat import cache_arg, take_cache
+from kvcache.attention.backends import BACKENDS, attend
+from kvcache.attention.quantized import attend_packed, packed_probabilities
+from kvcache.engine_adapters.hf.cache import CompressionPlan, PolicyCache, PolicyLayer, QuantPolicyLayer
+from kvcache.engine_adapters.hf.compat import cache_arg, take_cache
 from kvcache.budget import check_budget
 from kvcache.registry import PolicyConfigError
 

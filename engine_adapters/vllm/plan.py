@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine_adapters.vllm.config import KVPluginConfig
+from kvcache.engine_adapters.vllm.config import KVPluginConfig
 
 # Queries of the last prompt positions captured for scoring at the end of prefill, for policies whose
 # own window is not an int token count (keyformer, h2o, streaming).

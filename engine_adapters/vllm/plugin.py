@@ -7,9 +7,9 @@ before it parses arguments. The plugin is inert unless ``additional_config`` car
   (plus ``--kv-recompact-every``); ``EngineArgs.from_cli_args`` folds them into ``additional_config``.
 * ``EngineArgs.create_engine_config`` validates the settings, fences off what the plugin cannot handle
   (with the fix in the message), turns prefix caching off by default and installs the scheduler
-  subclass :class:`engine_adapters.vllm.scheduler.KVCacheScheduler`.
+  subclass :class:`kvcache.engine_adapters.vllm.scheduler.KVCacheScheduler`.
 * When vLLM's V1 model runner module is imported (in the worker process) its input preparation and
-  step are wrapped (:mod:`engine_adapters.vllm.worker`), and the CPU attention backend's ``forward``
+  step are wrapped (:mod:`kvcache.engine_adapters.vllm.worker`), and the CPU attention backend's ``forward``
   captures post-RoPE queries. Patching happens lazily through an import hook so that processes that
   never run a model do not import the model runner.
 """
@@ -23,12 +23,12 @@ import logging
 import sys
 from typing import Any, Callable
 
-from engine_adapters.vllm import config as kvconfig
-from engine_adapters.vllm.config import KVPluginError
+from kvcache.engine_adapters.vllm import config as kvconfig
+from kvcache.engine_adapters.vllm.config import KVPluginError
 
 logger = logging.getLogger("vllm.kvcache")  # under vLLM's handler once vLLM configured logging
 
-SCHEDULER_CLS = "engine_adapters.vllm.scheduler.KVCacheScheduler"
+SCHEDULER_CLS = "kvcache.engine_adapters.vllm.scheduler.KVCacheScheduler"
 FLAG_DEST = {
     "kv_policy": "kv_policy",
     "kv_budget": "kv_budget",
@@ -228,7 +228,7 @@ _HOOKS: dict[str, Callable[[Any], None]] = {}
 
 
 def _patch_model_runner(module: Any) -> None:
-    from engine_adapters.vllm import worker
+    from kvcache.engine_adapters.vllm import worker
 
     worker.patch_model_runner(module.GPUModelRunner)
 
@@ -274,7 +274,7 @@ def _repoint_engine_core(module: Any) -> None:
 
 
 def _patch_cpu_attention(module: Any) -> None:
-    from engine_adapters.vllm import worker
+    from kvcache.engine_adapters.vllm import worker
 
     worker.patch_attention_impl(module.CPUAttentionBackendImpl)
 

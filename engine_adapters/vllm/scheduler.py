@@ -2,7 +2,7 @@
 
 Seams in vLLM 0.32 (``vllm/v1/core/sched/scheduler.py``, ``vllm/v1/core/kv_cache_manager.py``):
 
-* ``Scheduler.schedule`` — after vLLM schedules a step, :class:`~engine_adapters.vllm.plan.Planner`
+* ``Scheduler.schedule`` — after vLLM schedules a step, :class:`~kvcache.engine_adapters.vllm.plan.Planner`
   adds the eviction plan to the ``SchedulerOutput`` the workers receive.
 * ``KVCacheManager.allocate_slots`` reads ``request.num_computed_tokens`` (logical) to count the blocks a
   request needs; it is wrapped so that it sees the physical length while it runs.
@@ -22,9 +22,9 @@ from typing import Any
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-from engine_adapters.vllm import config as kvconfig
-from engine_adapters.vllm.config import KVPluginError
-from engine_adapters.vllm.plan import Planner, StepPlan, attach, plan_of
+from kvcache.engine_adapters.vllm import config as kvconfig
+from kvcache.engine_adapters.vllm.config import KVPluginError
+from kvcache.engine_adapters.vllm.plan import Planner, StepPlan, attach, plan_of
 
 try:  # vLLM's handler and format ("vllm.*" loggers)
     from vllm.logger import init_logger

@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine_adapters.vllm import config as kvconfig
-from engine_adapters.vllm.layout import TileLayout, gather_tokens, probe_tile_layout, write_tokens
-from engine_adapters.vllm.plan import Compaction, StepPlan, plan_of
+from kvcache.engine_adapters.vllm import config as kvconfig
+from kvcache.engine_adapters.vllm.layout import TileLayout, gather_tokens, probe_tile_layout, write_tokens
+from kvcache.engine_adapters.vllm.plan import Compaction, StepPlan, plan_of
 from kvcache.evict.base import Observation
 from kvcache.selector import protected_slots, select_keep
 
@@ -127,7 +127,7 @@ class WorkerKV:
         self.requests: dict[str, RequestBuffers] = {}
         self.layouts: dict[tuple, TileLayout] = {}
         self.layers: list[tuple[str, Any]] | None = None
-        from engine_adapters.vllm.plan import DEFAULT_OBSERVATION
+        from kvcache.engine_adapters.vllm.plan import DEFAULT_OBSERVATION
 
         window = getattr(self.policy, "window", None)
         self.observation = window if isinstance(window, int) and window > 0 else DEFAULT_OBSERVATION

@@ -3,7 +3,7 @@
 Data: scikit-learn's 8x8 digit images (shipped with the package, no download), upsampled bilinearly to
 16x16 and scaled to [-1, 1]. Model: diffusers ``DiTTransformer2DModel`` (patch 4, so 16 tokens), trained
 to predict the clean image (``prediction_type="sample"``, which a model this small learns far better
-than epsilon at low noise) on a 1000-step cosine DDPM schedule by ``python -m eval.dit.train_digits``;
+than epsilon at low noise) on a 1000-step cosine DDPM schedule by ``python -m kvcache.eval.dit.train_digits``;
 weights ship as ``eval/dit/weights/digits_dit.safetensors`` (float16) beside its config JSON.
 """
 
@@ -50,7 +50,7 @@ def load_trained(path: Path = WEIGHTS) -> torch.nn.Module:
     from safetensors.torch import load_file
 
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing; train it with: python -m eval.dit.train_digits")
+        raise FileNotFoundError(f"{path} is missing; train it with: python -m kvcache.eval.dit.train_digits")
     config_path = path.with_suffix(".json")
     config = json.loads(config_path.read_text())["model"] if config_path.exists() else MODEL_CONFIG
     model = build_model(config)

@@ -1,8 +1,8 @@
-"""Train the small digits DiT (see :mod:`eval.dit.digits`) and write its float16 safetensors + config.
+"""Train the small digits DiT (see :mod:`kvcache.eval.dit.digits`) and write its float16 safetensors + config.
 
-    python -m eval.dit.train_digits --minutes 8
+    python -m kvcache.eval.dit.train_digits --minutes 8
 
-Clean-image prediction on a 1000-step cosine DDPM schedule (see ``eval.dit.digits.SCHEDULE``), AdamW, 10% label dropout (the DiT's own class
+Clean-image prediction on a 1000-step cosine DDPM schedule (see ``kvcache.eval.dit.digits.SCHEDULE``), AdamW, 10% label dropout (the DiT's own class
 dropout) for classifier-free guidance, EMA of the weights (the EMA is what ships).
 """
 
@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from eval.dit.digits import CONFIG, MODEL_CONFIG, SCHEDULE, WEIGHTS, build_model, load_images
+from kvcache.eval.dit.digits import CONFIG, MODEL_CONFIG, SCHEDULE, WEIGHTS, build_model, load_images
 
 
 def train(minutes: float, batch: int, lr: float, seed: int, ema_decay: float, max_steps: int) -> dict:

@@ -1,6 +1,6 @@
 """Train TokenCache's cache predictor on the digits DiT (kept frozen) against full-compute outputs.
 
-    python -m eval.dit.train_token_predictor
+    python -m kvcache.eval.dit.train_token_predictor
 
 Uncached sampling runs record every block's input and output at every step; for a reuse distance
 ``k`` (1..3 steps) each token gives features (:func:`kvcache.feature.token_predictor.token_features`)
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from eval.dit import digits
+from kvcache.eval.dit import digits
 from kvcache.feature.token_predictor import TokenPredictor, token_features
 
 OUTPUT = digits.WEIGHTS_DIR / "token_predictor.safetensors"

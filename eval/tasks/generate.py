@@ -1,7 +1,7 @@
 """Generate the ``kvlong`` long-context task suite (lm-eval YAML + JSONL), deterministically, offline.
 
-    python -m eval.tasks.generate                      # rewrite eval/tasks/ (1K, 2K, 4K, 8K; 16 samples each)
-    python -m eval.tasks.generate --out DIR --lengths 1024 2048 --samples 4 --seed 7
+    python -m kvcache.eval.tasks.generate                      # rewrite eval/tasks/ (1K, 2K, 4K, 8K; 16 samples each)
+    python -m kvcache.eval.tasks.generate --out DIR --lengths 1024 2048 --samples 4 --seed 7
 
 Same seed and options, same bytes: every random choice comes from ``random.Random`` seeded with a string
 built from (seed, task, length, sample index); nothing depends on the Python version, a tokenizer or
@@ -511,7 +511,7 @@ def report_tokens(out: Path, tokenizer_dir: str) -> dict[str, dict[str, float]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.tasks.generate", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m kvcache.eval.tasks.generate", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=TASKS_DIR, help="output folder (default: eval/tasks)")
     p.add_argument("--lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS), help="nominal lengths in tokens")
     p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="samples per task and length")

@@ -18,7 +18,7 @@ def load_kvlong(data_file: str, **_: object) -> dict:
 
     path = DATA_DIR / data_file
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing; run `python -m eval.tasks.generate` to create the kvlong suite")
+        raise FileNotFoundError(f"{path} is missing; run `python -m kvcache.eval.tasks.generate` to create the kvlong suite")
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     # lm-eval's doc_to_target renders lists; keep answers as a list of strings for process_results
     return {"test": datasets.Dataset.from_list(rows)}

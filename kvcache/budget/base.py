@@ -54,6 +54,7 @@ class LayerBudget(abc.ABC):
     """
 
     cascading: ClassVar[bool] = False
+    registry_name: ClassVar[str]  # set by ``@register("budget", name)``
 
     @abc.abstractmethod
     def allocate(

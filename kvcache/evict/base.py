@@ -17,7 +17,7 @@ from typing import Callable, ClassVar
 import torch
 import torch.nn.functional as F
 
-from attention.scoring import column_sums
+from kvcache.attention.scoring import column_sums
 from kvcache.registry import PolicyConfigError
 
 POOLINGS = ("max", "avg")
@@ -50,7 +50,7 @@ class Observation:
 
     def column_sums(self, transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """``[B, H_kv, G, T]``: sum over this pass's queries of softmax(transform(z)) per slot, z the masked
-        logits (:func:`attention.scoring.column_sums`). From ``probabilities`` when given: log p = z - lse
+        logits (:func:`kvcache.attention.scoring.column_sums`). From ``probabilities`` when given: log p = z - lse
         per row, and the shift-invariant softmax of ``transform(log p)`` (Keyformer's ``(z + g) / tau``) is the
         same as from z."""
         if self.probabilities is None:
@@ -75,6 +75,7 @@ class EvictionPolicy(abc.ABC):
 
     every_step: ClassVar[bool] = False
     compresses: ClassVar[bool] = True
+    registry_name: ClassVar[str]  # set by ``@register("evict", name)``
     window: int | float | None
     sinks: int
 
@@ -93,6 +94,14 @@ class EvictionPolicy(abc.ABC):
             return int(math.floor(self.window * budget))
         return int(self.window)
 
+    def observed_prompt_queries(self, prompt_len: int) -> int:
+        """How many of the prompt's last queries this policy scores with: ``prompt_len`` (the default) when
+        every prompt query votes (H2O, Keyformer), ``w`` for an observation window (SnapKV), 0 when it scores
+        from keys or positions alone (StreamingLLM, KNorm). Engines ask this instead of guessing; one that
+        cannot keep that many queries (vLLM holds the last ``max_captured`` of a prompt) says so. Decode
+        queries are observed at every step exactly when ``every_step`` is set."""
+        return prompt_len
+
     def protected_tokens(self, budget: int) -> int:
         return self.recent_tokens(budget) + self.sinks
 
@@ -100,7 +109,7 @@ class EvictionPolicy(abc.ABC):
         """Raise if the protected tokens do not fit in ``budget``."""
         if self.protected_tokens(budget) > budget:
             raise PolicyConfigError(
-                f"{self.registry_name}: window ({self.recent_tokens(budget)}) + sinks ({self.sinks}) tokens are "  # type: ignore[attr-defined]
+                f"{self.registry_name}: window ({self.recent_tokens(budget)}) + sinks ({self.sinks}) tokens are "
                 f"more than the budget of {budget} tokens; raise the budget or lower window/sinks"
             )
 

@@ -19,5 +19,8 @@ class FullCache(EvictionPolicy):
     sinks: int = 0
     compresses = False  # the adapters never select; budget and window are ignored
 
+    def observed_prompt_queries(self, prompt_len: int) -> int:
+        return 0
+
     def score(self, obs: Observation, previous: torch.Tensor | None) -> torch.Tensor:
         return torch.zeros(obs.key_index.shape, dtype=torch.float32, device=obs.key_index.device)

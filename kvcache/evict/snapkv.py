@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attention.scoring import window_probabilities
+from kvcache.attention.scoring import window_probabilities
 from kvcache.evict.base import EvictionPolicy, Observation, check_pooling, pool_scores
 from kvcache.registry import PolicyConfigError, param, register
 
@@ -38,6 +38,9 @@ class SnapKV(EvictionPolicy):
         if not isinstance(self.window, int) or self.window < 1:
             raise PolicyConfigError(f"snapkv window must be an int >= 1 (observation queries), got {self.window!r}")
         check_pooling("snapkv", self.kernel, self.pooling)
+
+    def observed_prompt_queries(self, prompt_len: int) -> int:
+        return min(self.window, prompt_len)
 
     def score(self, obs: Observation, previous: torch.Tensor | None) -> torch.Tensor:
         probs = window_probabilities(

@@ -24,5 +24,8 @@ class StreamingLLM(EvictionPolicy):
     window: int | float | None = param(None, "recent tokens kept; None = the whole budget after the sinks")
     every_step = True
 
+    def observed_prompt_queries(self, prompt_len: int) -> int:
+        return 0  # positions alone
+
     def score(self, obs: Observation, previous: torch.Tensor | None) -> torch.Tensor:
         return torch.zeros(obs.key_index.shape, dtype=torch.float32, device=obs.key_index.device)

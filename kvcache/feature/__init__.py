@@ -2,7 +2,7 @@
 
 Each policy splits "when to recompute" (a :class:`~kvcache.feature.base.Decider`) from "what to
 substitute" (a :class:`~kvcache.feature.base.Substitute`); :class:`~kvcache.feature.base.FeatureCache`
-runs one policy for one request and CFG branch. Engine hooks live in ``engine_adapters.diffusers``.
+runs one policy for one request and CFG branch. Engine hooks live in ``kvcache.engine_adapters.diffusers``.
 """
 
 from kvcache.feature import first_block, foresight, static, taylorseer, teacache, tokencache  # noqa: F401

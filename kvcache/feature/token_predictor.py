@@ -1,6 +1,6 @@
 """TokenCache's cache predictor (arXiv 2409.18523, section 3.2): a small network that scores each token
 of a block by how much reusing its cached value would hurt, trained with the DiT frozen against the
-full-compute outputs (``python -m eval.dit.train_token_predictor``).
+full-compute outputs (``python -m kvcache.eval.dit.train_token_predictor``).
 
 Per token ``t`` of block ``l`` at a cache step, with ``x`` the block input now and ``x'`` at the block's
 last computation, the features are ``log mean_c (x_t - x'_t)^2``, ``log mean_c x_t^2``, the timestep
@@ -46,14 +46,14 @@ class TokenPredictor(torch.nn.Module):
 
 
 def load_predictor(path: str) -> TokenPredictor:
-    """Load a predictor written by ``eval.dit.train_token_predictor`` (safetensors)."""
+    """Load a predictor written by ``kvcache.eval.dit.train_token_predictor`` (safetensors)."""
     from pathlib import Path
 
     from kvcache.registry import PolicyConfigError
 
     if not Path(path).exists():
         raise PolicyConfigError(f"tokencache predictor {path!r} does not exist; train one with "
-                                "python -m eval.dit.train_token_predictor")
+                                "python -m kvcache.eval.dit.train_token_predictor")
     try:
         from safetensors.torch import load_file
     except ImportError as err:

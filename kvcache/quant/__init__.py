@@ -1,13 +1,14 @@
 """Quantised KV storage (kind ``quant``). Importing this package registers the built-in codecs.
 
-``codec = kvcache.create("quant", "zipcache")``; ``store = codec.new_store(head_dim, dtype, device)``
-gives one layer's packed store (:class:`kvcache.quant.store.KVStore`); attention over it lives in
-``attention.quantized``.
+``codec = kvcache.create("quant", "zipcache")``; ``store = KVStore(codec, head_dim, dtype, device)``
+is one layer's packed store (:class:`kvcache.quant.store.KVStore`); attention over it lives in
+``kvcache.attention.quantized``.
 """
 
 from kvcache.quant import kivi, none, zipcache  # noqa: F401  (registers the codecs)
-from kvcache.quant.base import QuantCodec, TierRows
-from kvcache.quant.saliency import attention_saliency, normalized_attention, probe_positions, saliency_from_observation
+from kvcache.quant.base import QuantCodec
+from kvcache.quant.tiers import TierRows
+from kvcache.quant.saliency import attention_saliency, normalized_attention, probe_positions
 from kvcache.quant.store import KVStore
 
 __all__ = [
@@ -17,5 +18,4 @@ __all__ = [
     "attention_saliency",
     "normalized_attention",
     "probe_positions",
-    "saliency_from_observation",
 ]

@@ -8,35 +8,14 @@ and *how* (:meth:`QuantCodec.encode`); :class:`kvcache.quant.store.KVStore` does
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 
 from kvcache.quant.quantizer import SCALE_DTYPES
+from kvcache.quant.tiers import TierRows
 from kvcache.registry import PolicyConfigError
 
-if TYPE_CHECKING:
-    from kvcache.quant.store import KVStore
-
-
-@dataclass
-class TierRows:
-    """Freshly quantised tokens of one bit width, compacted to the front per ``(batch, head)``.
-
-    Row ``r`` of head ``(b, h)`` is a real token when ``r < group_count[b, h].sum()``; rows are in slot
-    order. Key parameters are per *group* of rows (``group_count[b, h, p]`` consecutive rows use
-    ``k_scale[b, h, p]``), value parameters per row and per group of ``value_group`` channels.
-    """
-
-    k_codes: torch.Tensor  # [B, H, n, D] uint8, unpacked
-    v_codes: torch.Tensor  # [B, H, n, D] uint8, unpacked
-    v_scale: torch.Tensor  # [B, H, n, D // value_group]
-    v_zero: torch.Tensor  # [B, H, n, D // value_group]
-    k_scale: torch.Tensor  # [B, H, P, D]
-    k_zero: torch.Tensor  # [B, H, P, D]
-    v_chan: torch.Tensor | None  # [B, H, P, D] CSTQuant channel normalisers, or None
-    group_count: torch.Tensor  # [B, H, P] int32
 
 
 class QuantCodec(abc.ABC):
@@ -44,6 +23,7 @@ class QuantCodec(abc.ABC):
 
     #: whether :meth:`encode` ranks tokens by saliency (ZipCache); the store then needs saliency at flushes
     needs_saliency: ClassVar[bool] = False
+    registry_name: ClassVar[str]  # set by ``@register("quant", name)``
     scale_dtype: str
 
     def _check_scale_dtype(self) -> None:
@@ -73,7 +53,7 @@ class QuantCodec(abc.ABC):
         for bits in self.tier_bits:
             if (head_dim * bits) % 8:
                 raise PolicyConfigError(
-                    f"{self.registry_name}: {bits}-bit codes of a {head_dim}-channel head do not fill whole bytes; "  # type: ignore[attr-defined]
+                    f"{self.registry_name}: {bits}-bit codes of a {head_dim}-channel head do not fill whole bytes; "
                     f"head_dim must be a multiple of {8 // bits}"
                 )
 
@@ -98,15 +78,6 @@ class QuantCodec(abc.ABC):
     @abc.abstractmethod
     def bytes_formula(self, num_tokens: int, head_dim: int, batch: int, kv_heads: int, dtype: torch.dtype) -> int:
         """Bytes a store holds after one :meth:`KVStore.append` of ``num_tokens`` tokens (no eviction)."""
-
-    def new_store(
-        self, head_dim: int, dtype: torch.dtype = torch.float16, device: torch.device | str = "cpu"
-    ) -> KVStore:
-        """An empty per-layer store of this codec for heads of ``head_dim`` channels."""
-        from kvcache.quant.store import KVStore
-
-        self.check_head_dim(head_dim)
-        return KVStore(self, head_dim, dtype, torch.device(device))
 
 
 def element_bytes(dtype: torch.dtype) -> int:

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcache.quant.base import QuantCodec, TierRows, element_bytes, fp_bytes
+from kvcache.quant.base import QuantCodec, element_bytes, fp_bytes
+from kvcache.quant.tiers import TierRows
 from kvcache.quant.quantizer import check_bits, quantize_groups
 from kvcache.registry import PolicyConfigError, param, register
 

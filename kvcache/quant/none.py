@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcache.quant.base import QuantCodec, TierRows, fp_bytes
+from kvcache.quant.base import QuantCodec, fp_bytes
+from kvcache.quant.tiers import TierRows
 from kvcache.registry import register
 
 

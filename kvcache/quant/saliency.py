@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from attention.scoring import grouped_logits, query_chunk, visibility
+from kvcache.attention.scoring import grouped_logits, query_chunk, visibility
 
 
 def normalized_attention(
@@ -83,18 +83,6 @@ def attention_saliency(
         total += probs.sum((2, 3))
         count += visible.sum(2)
     return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
-
-
-def saliency_from_observation(obs: object) -> torch.Tensor:
-    """:func:`attention_saliency` of a :class:`kvcache.evict.base.Observation` (its queries over its slots)."""
-    return attention_saliency(
-        obs.queries,  # type: ignore[attr-defined]
-        obs.keys,  # type: ignore[attr-defined]
-        obs.scaling,  # type: ignore[attr-defined]
-        key_index=obs.key_index,  # type: ignore[attr-defined]
-        key_valid=obs.key_valid,  # type: ignore[attr-defined]
-        query_index=obs.query_index,  # type: ignore[attr-defined]
-    )
 
 
 def probe_positions(

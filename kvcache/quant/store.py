@@ -22,15 +22,17 @@ uses any more.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
+from kvcache.attention.quantized import Block
 from kvcache.quant.pack import pack, unpack
 from kvcache.quant.quantizer import decode, dequantize_groups
+from kvcache.quant.tiers import TierRows
 
 if TYPE_CHECKING:
-    from kvcache.quant.base import QuantCodec, TierRows
+    from kvcache.quant.base import QuantCodec
 
 
 def compaction(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,15 +68,6 @@ def append_rows(
 def rows_below(count: torch.Tensor, n: int) -> torch.Tensor:
     """``[B, H, n]`` bool: row < count[b, h]."""
     return torch.arange(n, device=count.device) < count[..., None]
-
-
-class Block(NamedTuple):
-    """A dequantised block of rows from :meth:`KVStore.blocks`."""
-
-    keys: torch.Tensor  # [B, H, n, D] fp32
-    values: torch.Tensor  # [B, H, n, D] fp32
-    visible: torch.Tensor  # [B, H, n] or [B, H, q, n] bool (False on padding rows)
-    slots: torch.Tensor  # [B, H, n] slot of each row (padding rows: num_tokens)
 
 
 class Tier:
@@ -191,7 +184,7 @@ class Tier:
 
 
 class KVStore:
-    """One layer's KV cache under a codec. Create it with ``codec.new_store(head_dim, dtype, device)``.
+    """One layer's KV cache under a codec: ``KVStore(codec, head_dim, dtype, device)``.
 
     The API the engine adapters use:
 
@@ -200,7 +193,7 @@ class KVStore:
     * :meth:`will_flush` -- whether the next :meth:`append` quantises (so needs saliency, for ZipCache);
       :meth:`flush` -- quantise what is due, after ``append(..., flush=False)``;
     * :meth:`keep` -- eviction: keep exactly the given slots per head (:meth:`remove`: drop some);
-    * :meth:`blocks` -- dequantised blocks for attention (``attention.quantized.attend_packed`` and
+    * :meth:`blocks` -- dequantised blocks for attention (``kvcache.attention.quantized.attend_packed`` and
       ``packed_probabilities``, the attention statistics eviction and ZipCache saliency share);
     * :meth:`dequantize` -- the whole cache in full precision (tests and debugging only);
     * :meth:`bit_widths`, :meth:`quantized_count`, :attr:`num_tokens`, :meth:`nbytes`.
@@ -209,7 +202,11 @@ class KVStore:
     same two operations: ``keep`` -> ``meta.gather(-1, indices.sort(-1).values)``; ``append`` -> concatenate.
     """
 
-    def __init__(self, codec: QuantCodec, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, codec: QuantCodec, head_dim: int, dtype: torch.dtype = torch.float16, device: torch.device | str = "cpu"
+    ) -> None:
+        codec.check_head_dim(head_dim)
+        device = torch.device(device)
         self.codec = codec
         self.head_dim = head_dim
         self.dtype = dtype
@@ -315,7 +312,7 @@ class KVStore:
         if self.codec.needs_saliency:
             if saliency is None:
                 raise ValueError(
-                    f"{self.codec.registry_name} quantises buffered tokens now and needs their saliency: "  # type: ignore[attr-defined]
+                    f"{self.codec.registry_name} quantises buffered tokens now and needs their saliency: "
                     "pass saliency [B, H_kv, num_tokens] to append (check store.will_flush(t) first)"
                 )
             slots = self.quantized_count()[..., None].long() + torch.arange(m_max, device=self.device)

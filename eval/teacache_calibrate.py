@@ -18,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from engine_adapters.diffusers.contracts import ArgAccess, contract_for, ordered_blocks
+from kvcache.engine_adapters.diffusers.contracts import ArgAccess, contract_for, ordered_blocks
 from kvcache.feature.base import rel_l1
 
 
@@ -93,7 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from eval.dit import digits
+    from kvcache.eval.dit import digits
 
     torch.set_num_threads(1)
     model = digits.load_trained()
