@@ -14,6 +14,8 @@ from typing import Callable
 
 import torch
 
+from kvcache.attention.triton_dispatch import kernel_computes, use_triton
+
 # Upper bound on the elements of one chunk of logits (fp32): 2**20 elements = 4 MiB, small enough to stay
 # in cache across the mask, softmax and sum (3x faster than 64 MiB chunks on a 2-core x86 CPU).
 CHUNK_ELEMENTS = 1 << 20
@@ -67,6 +69,10 @@ def column_sums(
     ``transform`` maps masked logits to the logits actually normalised (Keyformer's ``(z + g) / tau``);
     it must keep ``-inf`` at ``-inf``.
     """
+    if use_triton(keys) and kernel_computes(transform):  # CUDA: the fused kernel (attention/triton_scoring.py)
+        from kvcache.attention import triton_scoring
+
+        return triton_scoring.column_sums(queries, keys, key_index, key_valid, query_index, scaling, transform)
     b, h_q, q, _ = queries.shape
     h_kv, t = keys.shape[1], keys.shape[2]
     total = torch.zeros(b, h_kv, h_q // h_kv, t, dtype=torch.float32, device=keys.device)
