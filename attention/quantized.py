@@ -11,8 +11,8 @@ precision. For each block, with running max ``m``, normaliser ``l`` and accumula
 Grouped-query attention views the ``H_q = G * H_kv`` query heads as ``[H_kv, G]``; keys and values are
 never repeated per query head. ``packed_probabilities`` gives the softmax probabilities in slot order
 (a second pass reusing the log-sum-exp), the statistics eviction policies score with and ZipCache's
-saliency is made of. This is the CPU path; a GPU kernel reading the packed codes directly would take
-the same store.
+saliency is made of. This is the CPU path; on CUDA ``attend_packed`` runs
+:mod:`kvcache.attention.triton_packed`, which reads the codes of :meth:`PackedKV.packed_layout` directly.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from typing import Iterator, NamedTuple, Protocol
 
 import torch
 
+from kvcache.attention.triton_dispatch import use_triton
+
 
 class Block(NamedTuple):
     """A dequantised block of rows from :meth:`PackedKV.blocks`."""
@@ -30,6 +32,32 @@ class Block(NamedTuple):
     values: torch.Tensor  # [B, H, n, D] fp32
     visible: torch.Tensor  # [B, H, n] or [B, H, q, n] bool (False on padding rows)
     slots: torch.Tensor  # [B, H, n] slot of each row (padding rows: num_tokens)
+
+
+class PackedTier(NamedTuple):
+    """One bit width's rows of a packed store as it holds them (layout: ``kvcache.quant.store``), for
+    kernels that read the codes directly (:mod:`kvcache.attention.triton_packed`)."""
+
+    bits: int
+    value_group: int  # channels per value scale/zero
+    k_codes: torch.Tensor  # [B, H, N, D * bits / 8] uint8, 8 / bits codes per byte, first code in the low bits
+    v_codes: torch.Tensor  # [B, H, N, D * bits / 8] uint8
+    k_scale: torch.Tensor  # [B, H, P, D] per group of rows: k = code * scale + zero
+    k_zero: torch.Tensor  # [B, H, P, D]
+    v_scale: torch.Tensor  # [B, H, N, D / value_group] per row
+    v_zero: torch.Tensor  # [B, H, N, D / value_group]
+    v_chan: torch.Tensor | None  # [B, H, P, D] channel normalisers (v *= chan), or None
+    row_group: torch.Tensor  # [B, H, N] parameter group P of each row
+    row_slot: torch.Tensor  # [B, H, N] slot of each row (num_tokens on padding rows)
+
+
+class PackedLayout(NamedTuple):
+    """Every tensor of a packed store: its tiers, then the full-precision buffer."""
+
+    tiers: tuple[PackedTier, ...]
+    fp_keys: torch.Tensor  # [B, H, F, D]
+    fp_values: torch.Tensor  # [B, H, F, D]
+    fp_slot: torch.Tensor  # [B, H, F] slot of each buffered row (num_tokens on padding rows)
 
 
 class PackedKV(Protocol):
@@ -43,6 +71,10 @@ class PackedKV(Protocol):
 
     def blocks(self, block_size: int, mask: torch.Tensor | None = None) -> Iterator[Block]:
         """Dequantised fp32 blocks of at most ``block_size`` slots, each with its visibility and slot ids."""
+        ...
+
+    def packed_layout(self) -> PackedLayout:
+        """The codes, parameters and full-precision buffer as held, with each row's slot (for kernels)."""
         ...
 
 
@@ -86,6 +118,10 @@ def attend_packed(
     in ``query.dtype``. With ``return_lse`` also returns the fp32 log-sum-exp of the logits
     ``[B, H_q, q]`` (-inf where nothing is visible), which :func:`packed_probabilities` reuses.
     """
+    if use_triton(query):  # CUDA: one kernel reading the packed codes (attention/triton_packed.py)
+        from kvcache.attention import triton_packed
+
+        return triton_packed.attend_packed(query, store, mask, scaling, return_lse)
     if store.num_tokens == 0:
         empty = torch.full(query.shape[:3], float("-inf"), device=query.device)
         return (torch.zeros_like(query), empty) if return_lse else torch.zeros_like(query)

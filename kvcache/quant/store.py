@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import torch
 
-from kvcache.attention.quantized import Block
+from kvcache.attention.quantized import Block, PackedLayout, PackedTier
 from kvcache.quant.pack import pack, unpack
 from kvcache.quant.quantizer import decode, dequantize_groups
 from kvcache.quant.tiers import TierRows
@@ -462,6 +462,22 @@ class KVStore:
             elif mask is not None:
                 visible = real & mask.gather(2, slots)
             yield Block(k, v, visible, slots.masked_fill(~real, self.num_tokens))
+
+    def packed_layout(self) -> PackedLayout:
+        """The tiers' codes and parameters and the fp buffer as held, each row with its slot
+        (``num_tokens`` on padding rows): what a kernel reading the codes directly needs."""
+        if self.fp_count is None or self.fp_k is None or self.fp_v is None:
+            raise ValueError("packed_layout() on an empty store")
+        maps = self._tier_maps()
+        fp_slots, fp_real = self._regions(maps)[-1]
+        t = self.num_tokens
+        tiers = tuple(
+            PackedTier(tier.bits, tier.value_group, tier.k_codes, tier.v_codes, tier.k_scale, tier.k_zero,
+                       tier.v_scale, tier.v_zero, tier.v_chan, pid, slots.clamp(max=t).masked_fill(~real, t))
+            for tier, (slots, real, pid, _) in zip(self.tiers, maps)
+            if tier.rows
+        )
+        return PackedLayout(tiers, self.fp_k, self.fp_v, fp_slots.masked_fill(~fp_real, t))  # type: ignore[arg-type]
 
     def bit_widths(self) -> torch.Tensor:
         """Bits each slot is stored at ``[B, H_kv, num_tokens]`` (full-precision slots: the dtype's width)."""
