@@ -134,7 +134,7 @@ def get_entry(kind: str, name: str) -> RegistryEntry:
         ) from None
 
 
-def _coerce(value: Any, hint: Any, where: str) -> Any:
+def coerce(value: Any, hint: Any, where: str) -> Any:
     """Turn strings from a CLI or lm-eval ``model_args`` into the parameter's declared type."""
     if not isinstance(value, str):
         return value
@@ -193,7 +193,7 @@ def create(kind: str, spec: str | dict[str, Any], **params: Any) -> Any:
             f"valid parameters: {', '.join(sorted(valid)) or '(none)'}"
         )
     hints = typing.get_type_hints(entry.cls)
-    kwargs = {k: _coerce(v, hints.get(k, Any), f"{kind} policy {name!r} parameter {k!r}") for k, v in merged.items()}
+    kwargs = {k: coerce(v, hints.get(k, Any), f"{kind} policy {name!r} parameter {k!r}") for k, v in merged.items()}
     try:
         return entry.cls(**kwargs)
     except PolicyConfigError:

@@ -136,9 +136,7 @@ def test_pyramid_and_cake_give_layers_different_budgets(make_model):
     with kv_policy(model, "snapkv", budget=0.5, window=4, layer_budget="cake:window=4") as session:
         model(input_ids=ids, attention_mask=mask)
     cache = session.last_cache
-    final = cache.plan.layer_budget.allocate(
-        cache.plan.capacity, cache.plan.recent, cache.plan.prompt_len, 3, torch.stack(cache.plan.preferences)
-    )
+    final = cache.plan.plan.layer_budgets(cache.plan.requests, 3, torch.stack(cache.plan.preferences))
     kept = [layer.valid.sum(dim=-1)[:, 0] for layer in cache.layers]
     assert all(torch.equal(k, final[i]) for i, k in enumerate(kept))  # cascading ends at the one-shot split
     assert sum(int(k.sum()) for k in kept) <= 2 * 3 * 30

@@ -27,8 +27,8 @@ def test_parse_policy_budget_window():
     assert cfg.budget == 0.25 and cfg.window == 16
     policy = cfg.create_policy()
     assert type(policy).__name__ == "SnapKV" and policy.kernel == 5 and policy.window == 16
-    assert cfg.capacity(1000) == 250
-    assert kvconfig.parse({"kv_policy": "keyformer", "kv_budget": "512"}).capacity(300) == 300
+    assert cfg.create_plan().request(1000).capacity == 250
+    assert kvconfig.parse({"kv_policy": "keyformer", "kv_budget": "512"}).create_plan().request(300).capacity == 300
     spec = {"name": "h2o", "window": 0.25}
     assert kvconfig.parse({"kv_policy": '{"name": "h2o", "window": 0.25}'}).policy_spec == spec
 
@@ -51,7 +51,7 @@ def test_layer_budgets_refused_naming_hf_adapter(layer_budget):
 
 
 def test_uniform_layer_budget_and_unknown_layer_budget():
-    assert kvconfig.parse({"kv_policy": "snapkv", "kv_layer_budget": "uniform"}).layer_budget == "uniform"
+    assert kvconfig.parse({"kv_policy": "snapkv", "kv_layer_budget": "uniform"}) is not None  # uniform is what vLLM does
     with pytest.raises(KVPluginError, match="valid budget policies"):
         kvconfig.parse({"kv_policy": "snapkv", "kv_layer_budget": "zigzag"})
 
@@ -168,6 +168,31 @@ def test_preempted_request_starts_over():
     planner.plan_request(plan, "r", 410, 410, 410, 400, 32)
     c = plan.compact["r"]
     assert (c.target, c.recent, c.step) == (110, 42, 10)
+
+
+def test_observation_follows_the_policys_declaration():
+    """SnapKV observes its window; StreamingLLM no query at all; H2O every prompt query, of which vLLM holds
+    the last MAX_OBSERVED and says so."""
+    from kvcache.engine_adapters.vllm.plan import MAX_OBSERVED
+
+    snap = run_prefill(Planner(kvconfig.parse({"kv_policy": "snapkv:window=16", "kv_budget": 0.25})), "r", 400, chunk=512)
+    assert snap[-1].capture["r"] == 16 and snap[-1].observe["r"] == 16
+    streaming = Planner(kvconfig.parse({"kv_policy": "streaming", "kv_budget": 0.25}))
+    plans = run_prefill(streaming, "r", 400, chunk=512)
+    assert not plans[-1].capture and plans[-1].compact["r"].target == 100
+    plan = StepPlan()
+    streaming.plan_request(plan, "r", 1, 401, 401, 400, 8)
+    assert not plan.capture  # position-only: no decode queries either
+    assert streaming.observation_note is None
+    h2o = Planner(kvconfig.parse({"kv_policy": "h2o", "kv_budget": 0.25}))
+    assert run_prefill(h2o, "r", 400, chunk=512)[-1].capture["r"] == MAX_OBSERVED
+    assert "every prompt query" in h2o.observation_note and str(MAX_OBSERVED) in h2o.observation_note
+
+
+def test_a_prompt_too_short_for_the_policy_is_left_whole_as_in_hf():
+    planner = Planner(kvconfig.parse({"kv_policy": "snapkv", "kv_budget": 0.5}))
+    plans = run_prefill(planner, "r", 40, chunk=512)  # 20 tokens cannot hold the 32-token window
+    assert not plans[-1].compact and not plans[-1].capture and planner.shift("r") == 0
 
 
 def test_full_policy_never_plans():

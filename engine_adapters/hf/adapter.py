@@ -21,6 +21,7 @@ from kvcache.attention.quantized import attend_packed, packed_probabilities
 from kvcache.engine_adapters.hf.cache import CompressionPlan, PolicyCache, PolicyLayer, QuantPolicyLayer
 from kvcache.engine_adapters.hf.compat import cache_arg, take_cache
 from kvcache.budget import check_budget
+from kvcache.plan import KVPlan
 from kvcache.registry import PolicyConfigError
 
 ATTENTION_NAME = "kvcache"
@@ -127,7 +128,7 @@ class KVSession:
 
     # -- caches --------------------------------------------------------------------------------------
     def new_cache(self, max_new_tokens: int | None = None) -> PolicyCache:
-        plan = CompressionPlan(self.policy, self.layer_budget, self.budget, self.num_layers, max_new_tokens)
+        plan = CompressionPlan(KVPlan(self.policy, self.budget, self.layer_budget), self.num_layers, max_new_tokens)
         return PolicyCache(plan, self.quant)
 
     def _pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

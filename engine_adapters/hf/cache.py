@@ -15,75 +15,63 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvcache.attention.quantized import packed_probabilities
 from kvcache.attention.scoring import visibility, window_probabilities
-from kvcache.budget import LayerBudget, tokens_for
+from kvcache.budget import LayerBudget
 from kvcache.evict.base import EvictionPolicy, Observation
+from kvcache.plan import KVPlan, RequestBudget
 from kvcache.quant.base import QuantCodec
 from kvcache.quant.store import KVStore
 from kvcache.quant.saliency import normalized_attention, probe_positions
 from kvcache.selector import protected_slots, replacement_slot, select_keep
 
 PROBE_SEED = 0  # ZipCache's random probe queries at the prompt are drawn from this seed (reproducible runs)
-UNLIMITED = 1 << 60  # a layer budget that never evicts (budget=1.0)
 GROW_TOKENS = 16  # capacity grows in blocks of this many tokens, like vLLM's paged blocks
 
 
 @dataclass
 class CompressionPlan:
-    """What to keep and how many: one eviction policy, one layer budget, the user's budget."""
+    """One batch's view of the shared :class:`kvcache.plan.KVPlan`: its requests' budgets as tensors over
+    the batch's sequences, fixed at the prompt pass and shared by all layers."""
 
-    policy: EvictionPolicy
-    layer_budget: LayerBudget
-    budget: float | int
+    plan: KVPlan
     num_layers: int
     max_new_tokens: int | None = None
-    # Filled at the prompt pass, shared by all layers: [B] tensors and per-layer budgets [N, B].
+    # Filled at the prompt pass: [B] tensors, per-layer budgets [N, B], one RequestBudget per sequence.
     prompt_len: torch.Tensor | None = None
     first_index: torch.Tensor | None = None
     layer_budgets: torch.Tensor | None = None
+    requests: list[RequestBudget] = field(default_factory=list)
     preferences: list[torch.Tensor] = field(default_factory=list)
-    uncompressed: list[int] = field(default_factory=list)  # sequences whose prompt is too short for the policy
-    notes: list[str] = field(default_factory=list)
+
+    @property
+    def policy(self) -> EvictionPolicy:
+        return self.plan.policy
+
+    @property
+    def layer_budget(self) -> LayerBudget:
+        return self.plan.layer_budget
+
+    @property
+    def notes(self) -> list[str]:
+        return [f"sequence {i}: {r.note}" for i, r in enumerate(self.requests) if r.note]
+
+    @property
+    def uncompressed(self) -> list[int]:
+        """Sequences whose prompt the budget would have compressed but the policy cannot (too short)."""
+        return [i for i, r in enumerate(self.requests) if r.note]
 
     def start(self, new_valid: torch.Tensor, first_index: torch.Tensor) -> None:
-        """Fix per-sequence budgets from the prompt (``new_valid [B, q]``: real tokens of the prompt pass).
-
-        A sequence whose prompt is too short for the policy (the budget's share of it holds fewer tokens
-        than the policy's recent window and sinks) is left uncompressed; ``notes`` says so."""
+        """Fix per-sequence budgets from the prompt (``new_valid [B, q]``: real tokens of the prompt pass)."""
         self.prompt_len = new_valid.sum(dim=-1)
         self.first_index = first_index
-        lengths = self.prompt_len.tolist()
-        capacities = [tokens_for(self.budget, n) for n in lengths]
-        self.uncompressed = [
-            i for i, (n, c) in enumerate(zip(lengths, capacities)) if n > c and self.policy.protected_tokens(c) > c
-        ]
-        self.notes = [
-            f"sequence {i}: a prompt of {lengths[i]} tokens at budget {self.budget} keeps {capacities[i]} tokens, fewer "
-            f"than {self.policy.registry_name}'s recent window ({self.policy.recent_tokens(capacities[i])}) + sinks "
-            f"({self.policy.sinks}); left uncompressed"
-            for i in self.uncompressed
-        ]
-        capacity = torch.tensor(capacities, device=new_valid.device)
-        recent = torch.tensor([self.policy.recent_tokens(c) for c in capacities], device=new_valid.device)
-        self.capacity, self.recent = capacity, recent
-        if isinstance(self.budget, float) and self.budget == 1.0:  # the whole sequence, prompt and generated tokens: scored, never evicted
-            self.layer_budgets = torch.full((self.num_layers, len(lengths)), UNLIMITED, device=new_valid.device)
-        elif not self.layer_budget.cascading:
-            self.layer_budgets = self._keep_uncompressed(
-                self.layer_budget.allocate(capacity, recent, self.prompt_len, self.num_layers)
-            )
-
-    def _keep_uncompressed(self, budgets: torch.Tensor) -> torch.Tensor:
-        """``budgets [layers, B]`` with the uncompressed sequences' columns set to never evict."""
-        if self.uncompressed:
-            budgets = budgets.clone()
-            budgets[:, self.uncompressed] = UNLIMITED
-        return budgets
+        self.requests = [self.plan.request(n) for n in self.prompt_len.tolist()]
+        if not self.layer_budget.cascading:
+            self.layer_budgets = self.plan.layer_budgets(self.requests, self.num_layers, device=new_valid.device)
 
     def cascade(self, preference: torch.Tensor) -> torch.Tensor:
         """CAKE: add layer ``len(preferences)``'s preference; budgets ``[m + 1, B]`` for the layers seen so far."""
         self.preferences.append(preference)
-        return self._keep_uncompressed(
-            self.layer_budget.allocate(self.capacity, self.recent, self.prompt_len, self.num_layers, torch.stack(self.preferences))
+        return self.plan.layer_budgets(
+            self.requests, self.num_layers, torch.stack(self.preferences), device=preference.device
         )
 
 
@@ -406,6 +394,7 @@ class PolicyCache(Cache):
             step=layer.passes,
             max_new_tokens=plan.max_new_tokens,
             probabilities=probabilities,
+            values=layer.values if probabilities is None else None,
         )
         previous = None if first_pass else layer.scores[:, :, : layer.length - q]
         layer._scores[:, :, : layer.length] = plan.policy.score(obs, previous)
@@ -432,7 +421,7 @@ class PolicyCache(Cache):
 
     def _set_budget(self, layer: PolicyLayer, budget: torch.Tensor) -> None:
         layer.budget = budget
-        recent = [self.plan.policy.recent_tokens(int(c)) for c in budget.tolist()]
+        recent = [self.plan.plan.recent(int(c)) for c in budget.tolist()]
         layer.recent = torch.tensor(recent, device=layer.device)
 
     def _evict(self, layer: PolicyLayer, q: int) -> None:

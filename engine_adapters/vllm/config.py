@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvcache import registry
-from kvcache.budget.base import parse_budget, tokens_for
+from kvcache.budget.base import parse_budget
+from kvcache.plan import KVPlan
 from kvcache.registry import PolicyConfigError
 
 # The vLLM releases this plugin was written against and tested with (the ``vllm`` extra pins the same).
@@ -51,7 +52,6 @@ class KVPluginConfig:
     policy_spec: str | dict[str, Any]
     budget: float | int = 0.5
     window: int | float | None = None
-    layer_budget: str = "uniform"
     recompact_every: int = 16
     chunk_evict: bool = True
     policy_params: dict[str, Any] = field(default_factory=dict)
@@ -67,16 +67,15 @@ class KVPluginConfig:
     def policy_name(self) -> str:
         return registry.parse_spec(self.policy_spec)[0]
 
-    def capacity(self, prompt_len: int) -> int:
-        """Tokens kept per layer and KV head for a prompt of ``prompt_len`` tokens."""
-        return tokens_for(self.budget, prompt_len)
+    def create_plan(self) -> KVPlan:
+        """The plan every engine shares (:mod:`kvcache.plan`): one length per request, so no layer budgets."""
+        return KVPlan(self.create_policy(), self.budget)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "kv_policy": self.policy_spec,
             "kv_budget": self.budget,
             "kv_window": self.window,
-            "kv_layer_budget": self.layer_budget,
             "kv_recompact_every": self.recompact_every,
             "kv_chunk_evict": self.chunk_evict,
         }
@@ -91,12 +90,9 @@ def _loads(value: Any) -> Any:
 
 
 def _window(value: Any) -> int | float | None:
-    if value is None or isinstance(value, (int, float)) and not isinstance(value, bool):
-        return value
-    text = str(value).strip()
-    if text.lower() in ("none", "null", ""):
+    if isinstance(value, str) and not value.strip():
         return None
-    return int(text) if text.isdigit() else float(text)
+    return registry.coerce(value, int | float | None, "kv_window")
 
 
 def parse(additional_config: dict[str, Any] | None) -> KVPluginConfig | None:
@@ -118,7 +114,7 @@ def parse(additional_config: dict[str, Any] | None) -> KVPluginConfig | None:
         layer_budget = str(extra.get("kv_layer_budget") or "uniform")
         recompact = int(extra.get("kv_recompact_every") or 16)
         chunk_evict = str(extra.get("kv_chunk_evict", True)).lower() not in ("0", "false", "no", "off")
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError) as err:  # PolicyConfigError included
         raise KVPluginError(f"invalid kvcache setting: {err}") from err
     if extra.get("kv_quant") not in (None, "", "none"):
         raise KVPluginError(
@@ -140,8 +136,7 @@ def parse(additional_config: dict[str, Any] | None) -> KVPluginConfig | None:
             "kvcache.engine_adapters.hf (kvcache generate --kv-layer-budget pyramid, or kv_policy(model, ...) in Python)"
         )
     cfg = KVPluginConfig(
-        policy_spec=spec, budget=budget, window=window, layer_budget="uniform",
-        recompact_every=recompact, chunk_evict=chunk_evict,
+        policy_spec=spec, budget=budget, window=window, recompact_every=recompact, chunk_evict=chunk_evict,
     )
     try:
         policy = cfg.create_policy()

@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvcache.engine_adapters.vllm.config import KVPluginConfig
+from kvcache.plan import RequestBudget
 
-# Queries of the last prompt positions captured for scoring at the end of prefill, for policies whose
-# own window is not an int token count (keyformer, h2o, streaming).
-DEFAULT_OBSERVATION = 32
+# vLLM holds the captured queries of every request that is still prefilling: at most this many of a prompt's
+# last queries are kept (a policy declaring more, H2O and Keyformer, is told so once in the log).
+MAX_OBSERVED = 32
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,6 @@ class Compaction:
     target: int  # physical length after compaction (kept slots per layer and KV head)
     physical: int  # physical length before compaction (after this step's tokens were written)
     logical: int  # logical length (tokens the request has seen) after this step
-    prompt_len: int
-    capacity: int  # the request's budget C
     recent: int  # recent tokens protected
     sinks: int  # first tokens protected
     phase: str  # "prefill" (last prompt chunk), "chunk" (mid-prefill) or "decode"
@@ -42,6 +41,7 @@ class Compaction:
 class StepPlan:
     shift: dict[str, int] = field(default_factory=dict)  # logical - physical before this step
     capture: dict[str, int] = field(default_factory=dict)  # last n queries of the step to capture
+    observe: dict[str, int] = field(default_factory=dict)  # prompt queries to hold for scoring (rolling window)
     decode_capture: set[str] = field(default_factory=set)  # captures that are decode queries
     compact: dict[str, Compaction] = field(default_factory=dict)
     reset: set[str] = field(default_factory=set)  # worker state to drop (preempted requests)
@@ -49,19 +49,21 @@ class StepPlan:
 
 @dataclass
 class RequestState:
+    budget: RequestBudget
     shift: int = 0
     compressed: bool = False  # the end-of-prefill compaction has been planned
 
 
 class Planner:
-    """Bookkeeping of the scheduler side: per-request shifts and the compaction rule."""
+    """Bookkeeping of the scheduler side: per-request shifts and when to compact. What a request keeps
+    comes from the plan every engine shares (:class:`kvcache.plan.KVPlan`)."""
 
     def __init__(self, cfg: KVPluginConfig) -> None:
         self.cfg = cfg
-        self.policy = cfg.create_policy()
+        self.plan = cfg.create_plan()
+        self.policy = self.plan.policy
         self.states: dict[str, RequestState] = {}
-        window = self.policy.window if hasattr(self.policy, "window") else None
-        self.observation = window if isinstance(window, int) and window > 0 else DEFAULT_OBSERVATION
+        self.observation_note = self.plan.observation_note(MAX_OBSERVED)
 
     def shift(self, req_id: str) -> int:
         state = self.states.get(req_id)
@@ -69,10 +71,6 @@ class Planner:
 
     def forget(self, req_id: str) -> None:
         self.states.pop(req_id, None)
-
-    def _recent(self, capacity: int, target: int, extra: int) -> int:
-        recent = self.policy.recent_tokens(capacity) + extra
-        return max(0, min(recent, target - min(self.policy.sinks, target)))
 
     def plan_request(
         self,
@@ -85,40 +83,45 @@ class Planner:
         max_new_tokens: int | None,
     ) -> None:
         """Add one scheduled request to ``plan``; ``logical_after`` counts this step's tokens."""
-        state = self.states.setdefault(req_id, RequestState())
+        state = self.states.get(req_id)
+        if state is None:
+            state = self.states[req_id] = RequestState(self.plan.request(prompt_len))
         if state.shift:
             plan.shift[req_id] = state.shift
-        if not self.policy.compresses:
+        budget = state.budget
+        if not budget.compressed:  # kept whole: nothing to score or evict
             return
         every_step = self.policy.every_step
         physical_after = logical_after - state.shift
         samples = logical_after >= num_tokens  # the step ends the known tokens: a token is sampled
-        capacity = self.cfg.capacity(prompt_len)
+        capacity = budget.capacity
         generated = max(0, logical_after - prompt_len)
         compaction = None
         if not state.compressed:
-            plan.capture[req_id] = min(num_scheduled, self.observation)
+            observed = self.plan.observed_queries(prompt_len, MAX_OBSERVED)
+            if observed:
+                plan.capture[req_id] = min(num_scheduled, observed)
+                plan.observe[req_id] = observed
             if samples:
                 state.compressed = True
-                target = capacity if every_step else capacity + generated
+                extra = 0 if every_step else generated
+                target = capacity + extra
                 if physical_after > target:
-                    extra = 0 if every_step else generated
-                    compaction = ("prefill", target, self._recent(capacity, target, extra))
+                    compaction = ("prefill", target, self.plan.recent(target, extra))
             elif self.cfg.chunk_evict and physical_after > capacity:
-                compaction = ("chunk", capacity, self._recent(capacity, capacity, 0))
+                compaction = ("chunk", capacity, self.plan.recent(capacity))
         elif every_step:
-            plan.capture[req_id] = num_scheduled
-            plan.decode_capture.add(req_id)
+            if self.plan.observed_queries(prompt_len):  # decode queries score too (not for position-only policies)
+                plan.capture[req_id] = num_scheduled
+                plan.decode_capture.add(req_id)
             if physical_after >= capacity + self.cfg.recompact_every:
-                compaction = ("decode", capacity, self._recent(capacity, capacity, 0))
+                compaction = ("decode", capacity, self.plan.recent(capacity))
         if compaction is not None:
             phase, target, recent = compaction
             plan.compact[req_id] = Compaction(
                 target=target,
                 physical=physical_after,
                 logical=logical_after,
-                prompt_len=prompt_len,
-                capacity=capacity,
                 recent=recent,
                 sinks=min(self.policy.sinks, target),
                 phase=phase,

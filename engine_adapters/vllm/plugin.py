@@ -29,14 +29,6 @@ from kvcache.engine_adapters.vllm.config import KVPluginError
 logger = logging.getLogger("vllm.kvcache")  # under vLLM's handler once vLLM configured logging
 
 SCHEDULER_CLS = "kvcache.engine_adapters.vllm.scheduler.KVCacheScheduler"
-FLAG_DEST = {
-    "kv_policy": "kv_policy",
-    "kv_budget": "kv_budget",
-    "kv_window": "kv_window",
-    "kv_layer_budget": "kv_layer_budget",
-    "kv_recompact_every": "kv_recompact_every",
-    "kv_quant": "kv_quant",
-}
 
 _registered = False
 _version_error: KVPluginError | None = None
@@ -95,7 +87,7 @@ def add_kv_arguments(parser: Any) -> Any:
 
 
 def fold_namespace(additional_config: Any, args: Any) -> dict[str, Any]:
-    values = {key: getattr(args, dest, None) for key, dest in FLAG_DEST.items()}
+    values = {key: getattr(args, key, None) for key in kvconfig.KEYS}
     return kvconfig.fold_cli_args(additional_config, values)
 
 
@@ -249,7 +241,7 @@ def _patch_kv_cache_utils(module: Any) -> None:
             return original_configs(vllm_config, *args, **kwargs)
         max_len = vllm_config.model_config.max_model_len
         chunk = vllm_config.scheduler_config.max_num_batched_tokens
-        peak = min(max_len, cfg.capacity(max_len) + max(chunk, cfg.recompact_every))
+        peak = min(max_len, cfg.create_plan().request(max_len).capacity + max(chunk, cfg.recompact_every))
 
         def check(available, get_needed, max_model_len, estimate):
             return original_check(available, lambda: -(-get_needed() * peak // max_model_len), max_model_len, estimate)

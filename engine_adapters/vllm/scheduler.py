@@ -25,6 +25,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 from kvcache.engine_adapters.vllm import config as kvconfig
 from kvcache.engine_adapters.vllm.config import KVPluginError
 from kvcache.engine_adapters.vllm.plan import Planner, StepPlan, attach, plan_of
+from kvcache.plan import blocks_for
 
 try:  # vLLM's handler and format ("vllm.*" loggers)
     from vllm.logger import init_logger
@@ -76,18 +77,20 @@ class KVCacheScheduler(Scheduler):
 
         manager.allocate_slots = allocate_slots
         logger.info("kvcache: eviction enabled in vLLM: %s", self.kv_cfg.as_dict())
+        if self.kv_planner.observation_note:
+            logger.warning("kvcache: %s", self.kv_planner.observation_note)
 
     def _kv_admission_fits(self, request: Any) -> bool | None:
         """Whether the request's peak physical length fits the free blocks (None: use vLLM's own check)."""
         planner = self.kv_planner
         if planner is None or not planner.policy.compresses or not planner.cfg.chunk_evict:
             return None
-        capacity = planner.cfg.capacity(request.num_prompt_tokens)
+        capacity = planner.plan.request(request.num_prompt_tokens).capacity
         generated = max(0, request.num_tokens - request.num_prompt_tokens)
         peak = min(request.num_tokens, capacity + generated + self.max_num_scheduled_tokens)
         manager = self.kv_cache_manager.coordinator.single_type_managers[0]
         held = len(manager.req_to_blocks.get(request.request_id, ()))
-        need = -(-peak // self.kv_block_size) - held
+        need = blocks_for(peak, self.kv_block_size) - held
         return need <= self.kv_cache_manager.block_pool.get_num_free_blocks()
 
     # ------------------------------------------------------------------------------------------
@@ -135,7 +138,7 @@ class KVCacheScheduler(Scheduler):
             blocks = manager.req_to_blocks.get(req_id)
             if not blocks:
                 continue
-            keep = -(-compaction.target // self.kv_block_size)
+            keep = blocks_for(compaction.target, self.kv_block_size)
             tail = blocks[keep:]
             if not tail:
                 continue

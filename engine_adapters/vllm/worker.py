@@ -31,6 +31,7 @@ from kvcache.engine_adapters.vllm import config as kvconfig
 from kvcache.engine_adapters.vllm.layout import TileLayout, gather_tokens, probe_tile_layout, write_tokens
 from kvcache.engine_adapters.vllm.plan import Compaction, StepPlan, plan_of
 from kvcache.evict.base import Observation
+from kvcache.plan import blocks_for
 from kvcache.selector import protected_slots, select_keep
 
 try:  # vLLM's handler and format ("vllm.*" loggers)
@@ -127,10 +128,6 @@ class WorkerKV:
         self.requests: dict[str, RequestBuffers] = {}
         self.layouts: dict[tuple, TileLayout] = {}
         self.layers: list[tuple[str, Any]] | None = None
-        from kvcache.engine_adapters.vllm.plan import DEFAULT_OBSERVATION
-
-        window = getattr(self.policy, "window", None)
-        self.observation = window if isinstance(window, int) and window > 0 else DEFAULT_OBSERVATION
         self.stats = {"compactions": 0, "tokens_evicted": 0, "capture_s": 0.0, "compact_s": 0.0}
 
     def drop(self, req_ids: Any) -> None:
@@ -212,8 +209,8 @@ class WorkerKV:
                 old = buffers.queries.get(name)
                 buffers.queries[name] = q if old is None else torch.cat([old, q], dim=1)
             buffers.query_pos = positions if buffers.query_pos is None else torch.cat([buffers.query_pos, positions])
-            if not buffers.decode and buffers.query_pos.numel() > self.observation:
-                keep = self.observation
+            keep = plan.observe.get(req_id)
+            if not buffers.decode and keep is not None and buffers.query_pos.numel() > keep:
                 buffers.query_pos = buffers.query_pos[-keep:]
                 buffers.queries = {n: q[:, -keep:] for n, q in buffers.queries.items()}
 
@@ -233,7 +230,8 @@ class WorkerKV:
         req_state = runner.requests[req_id]
         block_ids = req_state.block_ids[0]
         buffers = self.requests.setdefault(req_id, RequestBuffers())
-        if buffers.query_pos is None:
+        observes = self.policy.observed_prompt_queries(c.logical) > 0
+        if buffers.query_pos is None and observes:
             raise RuntimeError(f"kvcache: no captured queries for request {req_id} at its {c.phase} compaction")
         every_step = self.policy.every_step
         T = c.physical
@@ -250,13 +248,17 @@ class WorkerKV:
             prefix = 0 if kept is None else kept.shape[1]
             fresh = torch.arange(c.logical - (T - prefix), c.logical).expand(h_kv, -1)
             key_index = fresh if kept is None else torch.cat([kept, fresh], dim=1)
-            queries = buffers.queries[name]
+            if observes:
+                queries, query_pos = buffers.queries[name], buffers.query_pos
+            else:  # scored from positions (or keys) alone: no queries were captured
+                queries = keys.new_zeros(layer.impl.num_heads, 0, keys.shape[-1])
+                query_pos = torch.zeros(0, dtype=torch.long)
             obs = Observation(
                 queries=queries[None],
                 keys=keys[None],
                 key_index=key_index[None],
                 key_valid=torch.ones(1, h_kv, T, dtype=torch.bool),
-                query_index=buffers.query_pos[None],
+                query_index=query_pos[None],
                 scaling=float(layer.impl.scale),
                 step=c.step,
                 max_new_tokens=c.max_new_tokens,
@@ -274,7 +276,7 @@ class WorkerKV:
             if every_step:
                 buffers.scores[name] = scores[0].gather(1, keep)
         # Trim the worker's block table to the blocks the kept tokens occupy (the scheduler frees the rest).
-        n_keep = -(-c.target // block_size)
+        n_keep = blocks_for(c.target, block_size)
         del block_ids[n_keep:]
         row = runner.input_batch.req_id_to_index.get(req_id)
         if row is not None:

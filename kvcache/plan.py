@@ -1,0 +1,126 @@
+"""One compression plan for every engine: the user's settings turned into what each request may keep.
+
+Both adapters ask this module, never their own arithmetic:
+
+* :meth:`KVPlan.request` fixes a request's budget at its prompt: ``capacity`` C tokens per layer and KV
+  head on average (``kvcache.budget.tokens_for``), the protected ``recent`` window and ``sinks``, and whether
+  the prompt is compressed at all (a prompt whose budget cannot hold the policy's recent window and sinks is
+  left whole, with a note saying so, instead of failing);
+* :meth:`KVPlan.recent` is the recent window protected when a layer keeps ``target`` tokens (clamped so the
+  sinks and the window fit);
+* :meth:`KVPlan.layer_budgets` splits C across layers with the ``budget`` policy (uniform, PyramidKV, CAKE);
+* :meth:`KVPlan.observed_queries` is how many of the prompt's last queries the policy scores with (its own
+  declaration, :meth:`~kvcache.evict.base.EvictionPolicy.observed_prompt_queries`), capped where an engine
+  cannot hold that many, and :meth:`KVPlan.observation_note` says when it is;
+* :func:`blocks_for` rounds kept tokens up to an engine's cache blocks.
+
+The HF adapter turns these into per-sequence tensors; the vLLM scheduler into per-request compactions.
+Nothing here imports an engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvcache.budget.base import LayerBudget, check_budget, tokens_for
+from kvcache.evict.base import EvictionPolicy
+
+UNLIMITED = 1 << 60  # a layer budget that never evicts (budget 1.0, or a prompt left uncompressed)
+
+
+@dataclass(frozen=True)
+class RequestBudget:
+    """What one request may keep, fixed at its prompt."""
+
+    prompt_len: int
+    capacity: int  # C: tokens per layer and KV head (on average over layers)
+    recent: int  # recent tokens protected at a layer keeping C
+    sinks: int  # first tokens protected
+    compressed: bool  # False: kept whole, never evicted (budget 1.0, a policy that never compresses, or too short)
+    note: str | None = None  # why a prompt the budget would have compressed is kept whole
+
+
+class KVPlan:
+    """The eviction policy, the user's budget and the layer-budget policy, asked the same way by every engine."""
+
+    def __init__(self, policy: EvictionPolicy, budget: float | int, layer_budget: LayerBudget | None = None) -> None:
+        check_budget(budget)
+        self.policy = policy
+        self.budget = budget
+        self.layer_budget = layer_budget
+        self.keeps_everything = not policy.compresses or (isinstance(budget, float) and budget == 1.0)
+
+    # -- one request -------------------------------------------------------------------------------
+    def request(self, prompt_len: int) -> RequestBudget:
+        """The budget of a request whose prompt has ``prompt_len`` real tokens."""
+        sinks = self.policy.sinks
+        if self.keeps_everything:
+            return RequestBudget(prompt_len, prompt_len, self.policy.recent_tokens(prompt_len), sinks, False)
+        capacity = tokens_for(self.budget, prompt_len)
+        if self.policy.protected_tokens(capacity) > capacity:  # the window and sinks alone overflow the budget
+            note = None
+            if prompt_len > capacity:
+                note = (
+                    f"a prompt of {prompt_len} tokens at budget {self.budget} keeps {capacity} tokens, fewer than "
+                    f"{self.policy.registry_name}'s recent window ({self.policy.recent_tokens(capacity)}) + sinks "
+                    f"({sinks}); left uncompressed"
+                )
+            return RequestBudget(prompt_len, prompt_len, self.policy.recent_tokens(prompt_len), sinks, False, note)
+        return RequestBudget(prompt_len, capacity, self.recent(capacity), sinks, True)
+
+    def recent(self, target: int, extra: int = 0) -> int:
+        """Recent tokens protected when a layer keeps ``target`` slots, ``extra`` of which were appended
+        uncompressed since the budget was set (a prompt-only policy's decode tokens): the policy's window
+        for a budget of ``target - extra`` plus those, never more than what fits after the sinks."""
+        window = self.policy.recent_tokens(max(0, target - extra)) + extra
+        return max(0, min(window, target - min(self.policy.sinks, target)))
+
+    # -- layers ----------------------------------------------------------------------------------------
+    def layer_budgets(
+        self, requests: list[RequestBudget], num_layers: int, preferences: torch.Tensor | None = None,
+        device: torch.device | str = "cpu",
+    ) -> torch.Tensor:
+        """Tokens each layer keeps per request, ``[num_layers, B]`` (``[m, B]`` for the first m layers of a
+        cascading policy, given their ``preferences``); requests kept whole get :data:`UNLIMITED`."""
+        if self.layer_budget is None:
+            raise ValueError("this plan has no layer-budget policy; engines with one length per request use capacity")
+        capacity = torch.tensor([r.capacity for r in requests], device=device)
+        recent = torch.tensor([r.recent for r in requests], device=device)
+        prompt_len = torch.tensor([r.prompt_len for r in requests], device=device)
+        budgets = self.layer_budget.allocate(capacity, recent, prompt_len, num_layers, preferences)
+        whole = [i for i, r in enumerate(requests) if not r.compressed]
+        if whole:
+            budgets = budgets.clone()
+            budgets[:, whole] = UNLIMITED
+        return budgets
+
+    # -- observation -----------------------------------------------------------------------------------
+    def observed_queries(self, prompt_len: int, limit: int | None = None) -> int:
+        """How many of the prompt's last queries to score with: the policy's declaration, at most ``limit``
+        (an engine's cap on the queries it can hold)."""
+        wanted = self.policy.observed_prompt_queries(prompt_len)
+        return wanted if limit is None else min(wanted, limit)
+
+    def observation_note(self, limit: int) -> str | None:
+        """A line for the log when an engine holding ``limit`` queries cannot observe what the policy asks."""
+        if self.policy.observed_prompt_queries(limit + 1) <= limit:
+            return None
+        return (
+            f"{self.policy.registry_name} scores with every prompt query; this engine keeps the last {limit} of each "
+            "prompt, so its prompt scores differ from the Hugging Face adapter's"
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy.registry_name,
+            "budget": self.budget,
+            "layer_budget": getattr(self.layer_budget, "registry_name", None),
+        }
+
+
+def blocks_for(tokens: int, block_size: int) -> int:
+    """Cache blocks of ``block_size`` tokens that ``tokens`` kept tokens occupy."""
+    return -(-tokens // block_size)
