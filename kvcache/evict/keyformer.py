@@ -23,14 +23,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvcache.attention.gumbel import GumbelLogits, gumbel_noise  # noqa: F401 (gumbel_noise: re-exported)
 from kvcache.evict.base import EvictionPolicy, Observation, accumulate, check_pooling, pool_scores
 from kvcache.registry import PolicyConfigError, param, register
-
-
-def gumbel_noise(shape: torch.Size, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
-    """g = -log(-log(U)), U ~ Uniform(0, 1): standard Gumbel noise."""
-    uniform = torch.rand(shape, device=device, generator=generator).clamp_(1e-20, 1.0 - 1e-7)
-    return -torch.log(-torch.log(uniform))
 
 
 @register("evict", "keyformer")
@@ -68,12 +63,8 @@ class Keyformer(EvictionPolicy):
 
     def score(self, obs: Observation, previous: torch.Tensor | None) -> torch.Tensor:
         tau = self.temperature(obs.step, obs.max_new_tokens)
-        generator = self.generator(obs.queries.device)
-
-        def gumbel_logits(z: torch.Tensor) -> torch.Tensor:
-            return (z + gumbel_noise(z.shape, z.device, generator)) / tau
-
-        attn = obs.column_sums(gumbel_logits).mean(dim=2)
+        # a class, not a closure: column_sums recognises it and draws the noise inside its CUDA kernel
+        attn = obs.column_sums(GumbelLogits(tau, self.generator(obs.queries.device))).mean(dim=2)
         if previous is None:  # the prompt pass
             attn = pool_scores(attn, obs.key_index, self.kernel)
         return accumulate(previous, attn)
