@@ -43,6 +43,8 @@ class Observation:
     # [B, H_q, q, T] softmax of this pass's queries over the slots, when the engine already computed it
     # (attention over a quantised cache): scoring then reuses it instead of reading the keys again
     probabilities: torch.Tensor | None = None
+    # [B, H_kv, T, D_v] every slot's values, when the engine passes them (Expected Attention's ||v|| weighting)
+    values: torch.Tensor | None = None
 
     @property
     def group_size(self) -> int:
