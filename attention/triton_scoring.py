@@ -157,7 +157,8 @@ def column_sums(
     gumbel = isinstance(transform, GumbelLogits)
     if gumbel and seed is None:
         seed = transform.kernel_seed()
-    if queries.dtype != keys.dtype or keys.dtype not in (torch.float16, torch.bfloat16):
+    half = keys.dtype == torch.float16 or (keys.dtype == torch.bfloat16 and keys.is_cuda)
+    if queries.dtype != keys.dtype or not half:  # (Triton 3.9's CPU interpreter multiplies bf16 tiles wrongly)
         queries, keys = queries.float(), keys.float()
     precision = "ieee" if keys.dtype == torch.float32 else "tf32"
     key_index = key_index.contiguous()
