@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from kvcache.budget import parse_budget
+from kvcache.eval.machine import machine
 
 LLAMA3_8B = dict(
     vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -56,23 +57,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
     p.add_argument("--out", type=Path, default=Path("results/bench"))
     p.add_argument("--plot-only", action="store_true")
-
-
-def machine(device: str) -> dict[str, Any]:
-    import os
-    import platform
-
-    import torch
-
-    info = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "device": device}
-    try:
-        info["loadavg_at_start"] = os.getloadavg()
-    except OSError:
-        pass
-    if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def load(args: argparse.Namespace):

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from pathlib import Path
 
+from kvcache.eval.machine import machine
 from kvcache.models import DEFAULT_MODEL
 
 TASK_FILE = Path(__file__).resolve().parent / "tasks" / "data" / "passkey_2k.jsonl"
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         row["correct"] = all(a.lower() in row["text"].lower() for a in answers)
         row["kv_vs_full"] = round(row["kv_bytes"] / full_bytes, 3)
     report = {
-        "machine": f"{platform.machine()} {platform.processor() or ''} ({platform.system()}), CPU, torch threads default",
+        "machine": machine(),
         "model": args.model,
         "document": f"{args.task_file.name} sample {args.sample}, {rows[0]['prompt_tokens']} prompt tokens",
         "expected": answers,

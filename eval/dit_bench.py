@@ -15,14 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from kvcache.eval.machine import load_average, machine
 
 # (policy, params) grids. The uncached run is measured separately.
 SWEEP: dict[str, list[dict[str, Any]]] = {
@@ -214,9 +214,7 @@ def run(args: argparse.Namespace) -> int:
 
     report = {
         "benchmark": "dit-bench",
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpu_count": os.cpu_count(), "torch_threads": args.threads, "torch": torch.__version__,
-                    "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None},
+        "machine": {**machine(), "loadavg_at_end": load_average()},
         "model": {"weights": str(args.weights or digits.WEIGHTS), "blocks": len(model.transformer_blocks),
                   "config": digits.MODEL_CONFIG},
         "settings": {"steps": args.steps, "batch": args.batch, "guidance": args.guidance, "seed": args.seed,
@@ -229,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
     out.write_text(json.dumps(report, indent=2, default=float) + "\n")
     png = out.with_suffix(".png")
     m = report["machine"]
-    _plot(results, png, f"{m['processor']}, {m['cpu_count']} cores, {args.threads} torch thread(s)")
+    _plot(results, png, f"{m['processor']}, {m['cpus']} cores, {args.threads} torch thread(s)")
     _print_table(results)
     print(f"wrote {out} and {png}")
     return 0

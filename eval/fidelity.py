@@ -93,7 +93,7 @@ def run_fidelity(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
     from kvcache.engine_adapters.hf import kv_policy, load_model
-    from kvcache.eval.sweep import machine
+    from kvcache.eval.machine import machine
 
     model, tok = load_model(args.model, dtype=torch.float32, device=args.device)
     total = args.prefix_tokens + args.ppl_tokens

@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         print("RESULT " + json.dumps(result))
         return 0
     from kvcache.engine_adapters.hf import resolve_model
-    from kvcache.eval.sweep import machine
+    from kvcache.eval.machine import machine
 
     path = str(resolve_model(a.model))
     if not Path(a.kvpress_python).exists():

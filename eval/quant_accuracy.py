@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from kvcache.eval.machine import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "model": args.model,
         "dtype": str(next(model.parameters()).dtype),
-        "machine": f"{platform.machine()} ({platform.system()}), CPU, {torch.get_num_threads()} torch threads",
+        "machine": machine(),
         "setup": f"first {args.samples} samples of {', '.join(TASKS)}; chat template + gen_prefix; greedy, "
         f"{args.max_new_tokens} new tokens; correct = every expected answer in the output",
         "summary": summary,

@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
 import time
 
 import torch
 
 import kvcache
+from kvcache.eval.machine import machine
 from kvcache.quant.store import KVStore
 from kvcache.attention.quantized import attend_packed
 from kvcache.quant.saliency import attention_saliency, probe_positions
@@ -222,10 +222,7 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     result = {
-        "device": "cpu",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
+        "machine": machine(),
         "kv_heads": args.kv_heads,
         "query_heads": args.query_heads,
         "memory_and_error": memory_and_error(args),

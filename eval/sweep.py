@@ -19,25 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
+from kvcache.eval.machine import machine
+
 DEFAULT_POLICIES = ["keyformer", "snapkv", "h2o", "streaming"]
 DEFAULT_BUDGETS = [0.125, 0.25, 0.5, 0.75]
-
-
-def machine(device: str = "cpu") -> dict[str, Any]:
-    import os
-
-    import torch
-
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "device": device}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -112,7 +101,7 @@ def run_sweep(args: argparse.Namespace) -> dict:
     ]
     data: dict[str, Any] = {
         "model": args.model, "tasks": args.tasks, "limit": args.limit, "batch_size": args.batch_size,
-        "chat_template": not args.no_chat_template, "device": args.device, "machine": machine(), "configs": [],
+        "chat_template": not args.no_chat_template, "device": args.device, "machine": machine(args.device), "configs": [],
     }
     if out_json.exists() and not args.fresh:
         old = json.loads(out_json.read_text())

@@ -208,6 +208,34 @@ def list_policies(kind: str | None = None) -> list[dict[str, Any]]:
     return [get_entry(k, n).as_dict() for k in kinds for n in names(k)]
 
 
+# ------------------------------------------------------------------------------ parameter checks
+# The one way every member checks its values in ``__post_init__``: a failed check names the parameter, the
+# valid range and the value given.
+def check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
+    """Raise :class:`PolicyConfigError` unless ``value`` is an int with ``low <= value (<= high)``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        rng = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise PolicyConfigError(f"{name} must be an integer {rng}, got {value!r}")
+
+
+def check_float(name: str, value: Any, low: float, high: float | None = None, *, above: bool = False) -> None:
+    """Raise :class:`PolicyConfigError` unless ``value`` is a finite number with ``low <= value (<= high)``
+    (``low < value`` with ``above``)."""
+    import math
+
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < low or (above and value == low) or (high is not None and value > high):
+        lower = f"> {low}" if above else f">= {low}"
+        rng = lower if high is None else f"in {'(' if above else '['}{low}, {high}]"
+        raise PolicyConfigError(f"{name} must be a number {rng}, got {value!r}")
+
+
+def check_choice(name: str, value: Any, choices: Any) -> None:
+    """Raise :class:`PolicyConfigError` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise PolicyConfigError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
 def param(default: Any, help: str) -> Any:
     """A dataclass field with a help text shown in listings."""
     if isinstance(default, (list, dict, set)):

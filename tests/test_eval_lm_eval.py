@@ -148,7 +148,7 @@ def test_compression_reaches_loglikelihood(tiny_folder):
         ({"kv_budget": 0}, "tokens must be >= 1"),
         ({"kv_layer_budget": "pyramidal"}, "unknown kv_layer_budget 'pyramidal'; valid:"),
         ({"kv_policy": "keyformer", "kv_windw": 0.2}, "windw"),
-        ({"kv_policy": "keyformer", "kv_tau_init": -1}, "temperatures must be > 0"),
+        ({"kv_policy": "keyformer", "kv_tau_init": -1}, "tau_init must be a number > 0"),
         ({"kv_quant": "int3"}, "unknown kv_quant 'int3'"),
         ({"kv_quant": "kivi:bits=3"}, "bits"),
         ({"kv_ll_chunk": 0}, "kv_ll_chunk must be an int >= 1"),

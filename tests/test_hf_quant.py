@@ -154,7 +154,7 @@ def test_kv_bytes_are_the_stores_bytes_and_zipcache_is_small() -> None:
         ("zipcach", "valid quant policies"),
         ("kivi:bits=3", "bits must be one of"),
         ("kivi:group_size=12", "does not divide head_dim 16"),
-        ("zipcache:ratio=2", "ratio must be a fraction"),
+        ("zipcache:ratio=2", "ratio must be a number in"),
         ("kivi:foo=1", "valid parameters"),
     ],
 )

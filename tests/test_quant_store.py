@@ -41,13 +41,13 @@ def test_registered_with_defaults() -> None:
     ("spec", "message"),
     [
         ("kivi:bits=3", "bits must be one of 2, 4, 8"),
-        ("kivi:group_size=0", "group_size must be a positive int"),
-        ("kivi:residual=-1", "residual must be an int >= 0"),
+        ("kivi:group_size=0", "group_size must be an integer >= 1"),
+        ("kivi:residual=-1", "residual must be an integer >= 0"),
         ("zipcache:high_bits=5", "high_bits must be one of 2, 4, 8"),
         ("zipcache:low_bits=1", "low_bits must be one of 2, 4, 8"),
         ("zipcache:high_bits=2,low_bits=4", "must not exceed high_bits"),
-        ("zipcache:ratio=1.5", r"ratio must be a fraction in \[0, 1\]"),
-        ("zipcache:streaming_gap=0", "streaming_gap must be a positive int"),
+        ("zipcache:ratio=1.5", r"ratio must be a number in \[0.0, 1.0\]"),
+        ("zipcache:streaming_gap=0", "streaming_gap must be an integer >= 1"),
         ("kivi:scale_dtype=int8", "scale_dtype must be one of float16, bfloat16, float32"),
     ],
 )

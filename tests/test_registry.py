@@ -33,10 +33,10 @@ def test_create_from_spec_string_coerces_types():
 @pytest.mark.parametrize(
     "kind, spec, params, fragment",
     [
-        ("evict", "snapk", {}, "valid evict policies: full, h2o, keyformer, snapkv, streaming"),
+        ("evict", "snapk", {}, "valid evict policies: "),
         ("evict", "snapkv", {"windw": 3}, "valid parameters: kernel, pooling, sinks, window"),
         ("evict", "snapkv", {"kernel": 4}, "odd"),
-        ("evict", "snapkv", {"pooling": "median"}, "valid: max, avg"),
+        ("evict", "snapkv", {"pooling": "median"}, "must be one of 'max', 'avg'"),
         ("evict", "keyformer", {"window": 1.5}, "[0, 1)"),
         ("evict", "keyformer", {"tau_init": 0.0}, "> 0"),
         ("evict", "h2o", {"sinks": -1}, ">= 0"),
@@ -77,7 +77,7 @@ def test_cli_lists_policies_as_json(capsys):
     "argv, fragment",
     [
         (["bench", "--quant", "zip"], "valid quant policies: kivi, none, zipcache"),
-        (["sweep", "--policies", "h2o:kernel=4"], "h2o kernel must be an odd int"),
+        (["sweep", "--policies", "h2o:kernel=4"], "h2o kernel must be odd"),
         (["sweep", "--quants", "kivi:bits=3"], "bits must be one of"),
     ],
 )

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from kvcache.budget.base import LayerBudget
-from kvcache.registry import PolicyConfigError, param, register
+from kvcache.registry import PolicyConfigError, check_float, check_int, param, register
 
 
 def spread_with_cap(shares: torch.Tensor, total: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
@@ -60,10 +60,9 @@ class Cake(LayerBudget):
     cascading = True
 
     def __post_init__(self) -> None:
-        if self.tau1 <= 0 or self.tau2 <= 0:
-            raise PolicyConfigError(f"cake temperatures must be > 0, got tau1={self.tau1}, tau2={self.tau2}")
-        if not isinstance(self.window, int) or self.window < 1:
-            raise PolicyConfigError(f"cake window must be an int >= 1, got {self.window!r}")
+        check_float("cake tau1", self.tau1, 0.0, above=True)
+        check_float("cake tau2", self.tau2, 0.0, above=True)
+        check_int("cake window", self.window, 1)
 
     def preference(self, window_probs: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
         return layer_preference(window_probs, prefix, self.tau1, self.tau2)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from kvcache.budget.base import LayerBudget
-from kvcache.registry import PolicyConfigError, param, register
+from kvcache.registry import check_float, param, register
 
 
 @register("budget", "pyramid")
@@ -24,8 +24,7 @@ class Pyramid(LayerBudget):
     beta: float = param(20.0, "ratio of the mean budget to the last layer's budget")
 
     def __post_init__(self) -> None:
-        if self.beta < 1:
-            raise PolicyConfigError(f"pyramid beta must be >= 1, got {self.beta}")
+        check_float("pyramid beta", self.beta, 1.0)
 
     def allocate(
         self,

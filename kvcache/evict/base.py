@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from kvcache.attention.scoring import column_sums
-from kvcache.registry import PolicyConfigError
+from kvcache.registry import PolicyConfigError, check_choice, check_int
 
 POOLINGS = ("max", "avg")
 
@@ -84,8 +84,7 @@ class EvictionPolicy(abc.ABC):
     def __post_init__(self) -> None:
         if self.window is not None:
             check_window(self.window)
-        if not isinstance(self.sinks, int) or self.sinks < 0:
-            raise PolicyConfigError(f"sinks must be an int >= 0, got {self.sinks!r}")
+        check_int("sinks", self.sinks, 0)
 
     def recent_tokens(self, budget: int) -> int:
         """Tokens of the recent window protected under a layer budget of ``budget`` tokens
@@ -140,10 +139,10 @@ def accumulate(previous: torch.Tensor | None, new_scores: torch.Tensor) -> torch
 
 
 def check_pooling(policy: str, kernel: int, pooling: str = "max") -> None:
-    if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0:
-        raise PolicyConfigError(f"{policy} kernel must be an odd int >= 1 (1: no pooling), got {kernel!r}")
-    if pooling not in POOLINGS:
-        raise PolicyConfigError(f"{policy} pooling {pooling!r} unknown; valid: {', '.join(POOLINGS)}")
+    check_int(f"{policy} kernel", kernel, 1)
+    if kernel % 2 == 0:
+        raise PolicyConfigError(f"{policy} kernel must be odd (1: no pooling), got {kernel!r}")
+    check_choice(f"{policy} pooling", pooling, POOLINGS)
 
 
 def pool_scores(scores: torch.Tensor, key_index: torch.Tensor, kernel: int, pooling: str = "max") -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch
 
 from kvcache.attention.gumbel import GumbelLogits, gumbel_noise  # noqa: F401 (gumbel_noise: re-exported)
 from kvcache.evict.base import EvictionPolicy, Observation, accumulate, check_pooling, pool_scores
-from kvcache.registry import PolicyConfigError, param, register
+from kvcache.registry import check_float, param, register
 
 
 @register("evict", "keyformer")
@@ -44,8 +44,8 @@ class Keyformer(EvictionPolicy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.tau_init <= 0 or self.tau_end <= 0:
-            raise PolicyConfigError(f"keyformer temperatures must be > 0, got tau_init={self.tau_init}, tau_end={self.tau_end}")
+        check_float("keyformer temperatures: tau_init", self.tau_init, 0.0, above=True)
+        check_float("keyformer temperatures: tau_end", self.tau_end, 0.0, above=True)
         check_pooling("keyformer", self.kernel)
 
     def temperature(self, step: int, max_new_tokens: int | None) -> float:

@@ -20,7 +20,7 @@ import torch
 
 from kvcache.attention.scoring import window_probabilities
 from kvcache.evict.base import EvictionPolicy, Observation, check_pooling, pool_scores
-from kvcache.registry import PolicyConfigError, param, register
+from kvcache.registry import check_int, param, register
 
 
 @register("evict", "snapkv")
@@ -35,8 +35,7 @@ class SnapKV(EvictionPolicy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.window, int) or self.window < 1:
-            raise PolicyConfigError(f"snapkv window must be an int >= 1 (observation queries), got {self.window!r}")
+        check_int("snapkv window (observation queries)", self.window, 1)
         check_pooling("snapkv", self.kernel, self.pooling)
 
     def observed_prompt_queries(self, prompt_len: int) -> int:

@@ -23,33 +23,12 @@ from typing import Callable, Sequence, Union
 
 import torch
 
-from kvcache.registry import PolicyConfigError
+from kvcache.registry import PolicyConfigError, check_choice, check_float, check_int  # noqa: F401  (re-exported)
 
 Tensors = tuple[torch.Tensor, ...]
 Decision = Union[bool, torch.Tensor]
 Compute = Callable[[Tensors, Union[torch.Tensor, None]], Tensors]
 Signal = Callable[[], torch.Tensor]
-
-
-# ----------------------------------------------------------------------------------------- validation
-def check_int(name: str, value: int, low: int, high: int | None = None) -> None:
-    """Raise :class:`PolicyConfigError` unless ``low <= value (<= high)`` and ``value`` is an int."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        rng = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise PolicyConfigError(f"{name} must be an integer {rng}, got {value!r}")
-
-
-def check_float(name: str, value: float, low: float, high: float | None = None) -> None:
-    """Raise :class:`PolicyConfigError` unless ``low <= value (<= high)`` and ``value`` is a finite number."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < low or (high is not None and value > high):
-        rng = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise PolicyConfigError(f"{name} must be a number {rng}, got {value!r}")
-
-
-def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise PolicyConfigError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
 # -------------------------------------------------------------------------------------------- metrics

@@ -16,8 +16,8 @@ import torch
 
 from kvcache.quant.base import QuantCodec, element_bytes, fp_bytes
 from kvcache.quant.tiers import TierRows
-from kvcache.quant.quantizer import check_bits, quantize_groups
-from kvcache.registry import PolicyConfigError, param, register
+from kvcache.quant.quantizer import QUANT_BITS, quantize_groups
+from kvcache.registry import PolicyConfigError, check_choice, check_int, param, register
 
 
 @register("quant", "kivi")
@@ -31,14 +31,9 @@ class KIVI(QuantCodec):
     scale_dtype: str = param("float16", "dtype of scales and zero points: float16, bfloat16 or float32")
 
     def __post_init__(self) -> None:
-        try:
-            check_bits(self.bits)
-        except ValueError as err:
-            raise PolicyConfigError(f"kivi: {err}") from None
-        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size <= 0:
-            raise PolicyConfigError(f"kivi: group_size must be a positive int, got {self.group_size!r}")
-        if isinstance(self.residual, bool) or not isinstance(self.residual, int) or self.residual < 0:
-            raise PolicyConfigError(f"kivi: residual must be an int >= 0, got {self.residual!r}")
+        check_choice("kivi: bits", self.bits, QUANT_BITS)
+        check_int("kivi: group_size", self.group_size, 1)
+        check_int("kivi: residual", self.residual, 0)
         self._check_scale_dtype()
 
     @property

@@ -23,9 +23,9 @@ import torch
 
 from kvcache.quant.base import QuantCodec, element_bytes, fp_bytes
 from kvcache.quant.tiers import TierRows
-from kvcache.quant.quantizer import check_bits, cst_quantize, quantize_groups
+from kvcache.quant.quantizer import QUANT_BITS, cst_quantize, quantize_groups
 from kvcache.quant.store import compaction, gather_rows, rows_below
-from kvcache.registry import PolicyConfigError, param, register
+from kvcache.registry import PolicyConfigError, check_choice, check_float, check_int, param, register
 
 
 @register("quant", "zipcache")
@@ -43,16 +43,11 @@ class ZipCache(QuantCodec):
 
     def __post_init__(self) -> None:
         for what in ("high_bits", "low_bits"):
-            try:
-                check_bits(getattr(self, what), what)
-            except ValueError as err:
-                raise PolicyConfigError(f"zipcache: {err}") from None
+            check_choice(f"zipcache: {what}", getattr(self, what), QUANT_BITS)
         if self.low_bits > self.high_bits:
             raise PolicyConfigError(f"zipcache: low_bits ({self.low_bits}) must not exceed high_bits ({self.high_bits})")
-        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0.0 <= self.ratio <= 1.0:
-            raise PolicyConfigError(f"zipcache: ratio must be a fraction in [0, 1], got {self.ratio!r}")
-        if isinstance(self.streaming_gap, bool) or not isinstance(self.streaming_gap, int) or self.streaming_gap <= 0:
-            raise PolicyConfigError(f"zipcache: streaming_gap must be a positive int, got {self.streaming_gap!r}")
+        check_float("zipcache: ratio", self.ratio, 0.0, 1.0)
+        check_int("zipcache: streaming_gap", self.streaming_gap, 1)
         self._check_scale_dtype()
 
     @property
