@@ -11,14 +11,18 @@ pytest.importorskip("diffusers")
 import kvcache  # noqa: E402
 from kvcache.feature import EXACT_SETTINGS  # noqa: E402
 from kvcache.engine_adapters.diffusers import (  # noqa: E402
+    HOOK_NAMES,
     SUPPORTED_MODELS,
+    FeatureCacheConfig,
     UnsupportedModelError,
+    apply_feature_cache,
     cache_stats,
     disable_cache,
     enable_cache,
     reset_cache,
     tiny,
 )
+from kvcache.engine_adapters.diffusers.hooks import FEATURE_ATTENTION_HOOK, FEATURE_DENOISER_HOOK  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -56,6 +60,15 @@ def _run(pipe, kwargs: dict, steps: int = STEPS, **extra) -> np.ndarray:
     return np.asarray(result.float() if isinstance(result, torch.Tensor) else result)
 
 
+def _hook_names(module: torch.nn.Module) -> set[str]:
+    """Names of the diffusers hooks registered on ``module`` and its submodules."""
+    return {name for m in module.modules() if hasattr(m, "_diffusers_hook") for name in m._diffusers_hook.hooks}
+
+
+def _our_hook_names(module: torch.nn.Module) -> set[str]:
+    return _hook_names(module) & set(HOOK_NAMES)
+
+
 def _token_ok(arch: str) -> bool:
     return arch not in ("FluxTransformer2DModel", "WanTransformer3DModel")
 
@@ -80,6 +93,7 @@ def test_every_policy_off_is_exact_and_on_skips(arch: str) -> None:
     disable_cache(pipe)
     assert np.array_equal(_run(pipe, kwargs), ref)
     assert all("forward" not in block.__dict__ for block in pipe.transformer.modules())
+    assert not _our_hook_names(pipe.transformer)
 
 
 @pytest.mark.parametrize("arch", ["DiTTransformer2DModel", "CogVideoXTransformer3DModel"])
@@ -89,9 +103,15 @@ def test_tokencache_attention_importance(arch: str) -> None:
     enable_cache(pipe, "tokencache", importance="attention", k1=1, k2=1)
     assert np.array_equal(_run(pipe, kwargs), ref)
     enable_cache(pipe, "tokencache", importance="attention", **ON["tokencache"])
+    denoiser = pipe.transformer._diffusers_hook.get_hook(FEATURE_DENOISER_HOOK)
+    scores: list[torch.Tensor] = []  # read after each transformer call: a CacheMixin pipeline frees them at its end
+
+    def collect(*_: object) -> None:
+        scores.extend(s for c in denoiser.states.live_caches() for s in c.token_scores.values())
+
+    handle = pipe.transformer.register_forward_hook(collect)
     out = _run(pipe, kwargs)
-    controller = pipe.transformer.__dict__["_kvcache_feature_cache"]
-    scores = [s for c in controller.caches.values() for s in c.token_scores.values()]
+    handle.remove()
     assert scores and all(torch.isclose(s.sum(), torch.tensor(1.0), atol=1e-4) for s in scores)
     assert cache_stats(pipe)["skipped"] > 0 and np.isfinite(out).all() and not np.array_equal(out, ref)
     disable_cache(pipe)
@@ -181,3 +201,79 @@ def test_unsupported_model_and_bad_parameters() -> None:
         enable_cache(pipe, "magic")
     with pytest.raises(RuntimeError, match="enable_cache"):
         cache_stats(pipe)
+
+
+def test_pipeline_end_frees_features_and_context_gives_step_count() -> None:
+    """Wan calls the transformer inside cache_context("cond"/"uncond", num_inference_steps=...) and resets
+    stateful hooks when the call ends: each branch gets the step count, features are freed, counts stay."""
+    pipe, kwargs = _pipe("WanTransformer3DModel")
+    enable_cache(pipe, "foresight", **ON["foresight"])
+    denoiser = pipe.transformer._diffusers_hook.get_hook(FEATURE_DENOISER_HOOK)
+    seen: list[tuple[str, int | None]] = []
+
+    def record(*_: object) -> None:
+        seen.extend((name, state.cache.num_steps) for name, state in denoiser.states.branches.items())
+
+    handle = pipe.transformer.register_forward_hook(record)
+    _run(pipe, kwargs, steps=4)
+    handle.remove()
+    assert {name for name, _ in seen} == {"ctx:cond", "ctx:uncond"}
+    assert {steps for _, steps in seen} == {4}
+    assert denoiser.states.live_caches() == []
+    stats = cache_stats(pipe)
+    assert stats["skipped"] > 0 and stats["computed"] + stats["skipped"] == 2 * 4 * 3  # branches x steps x blocks
+    reset_cache(pipe)
+    assert cache_stats(pipe)["computed"] == 0
+    disable_cache(pipe)
+
+
+@pytest.mark.parametrize("offload_first", [True, False])
+def test_composes_with_diffusers_group_offloading(offload_first: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our hooks and diffusers' block-level group offloading (onload to the CPU) on the same DiT blocks, in
+    either registration order: the output and counts equal our cache alone; whichever hook is registered last
+    runs first, so with offloading registered first a skipped block is never onloaded. disable_cache removes
+    only our hooks: offloading keeps running and the output equals the uncached one."""
+    from diffusers.hooks import apply_group_offloading
+    from diffusers.hooks.group_offloading import GroupOffloadingHook
+
+    params = {"warmup": 2, "interval": 3, "threshold": 100.0}
+    pipe, kwargs = _pipe("DiTTransformer2DModel")
+    uncached = _run(pipe, kwargs)
+    enable_cache(pipe, "foresight", **params)
+    reference, reference_stats = _run(pipe, kwargs), cache_stats(pipe)
+    disable_cache(pipe)
+
+    pipe, kwargs = tiny.BUILDERS["DiTTransformer2DModel"]()  # a fresh pipeline: the offloading stays on it
+    transformer = pipe.transformer
+    blocks = set(transformer.transformer_blocks)
+    block_onloads = []
+    pre_forward = GroupOffloadingHook.pre_forward
+
+    def counting_pre_forward(self, module, *args, **kwargs):
+        block_onloads.extend([module] if module in blocks else [])
+        return pre_forward(self, module, *args, **kwargs)
+
+    monkeypatch.setattr(GroupOffloadingHook, "pre_forward", counting_pre_forward)
+
+    def offload() -> None:
+        apply_group_offloading(transformer, onload_device="cpu", offload_type="block_level", num_blocks_per_group=1)
+
+    config = FeatureCacheConfig("foresight", params, scheduler=pipe.scheduler)
+    if offload_first:
+        offload()
+        apply_feature_cache(transformer, config)
+    else:
+        apply_feature_cache(transformer, config)
+        offload()
+    assert _hook_names(transformer) == {"group_offloading", *HOOK_NAMES} - {FEATURE_ATTENTION_HOOK}
+    assert np.array_equal(_run(pipe, kwargs), reference)
+    stats = cache_stats(transformer)
+    assert stats == reference_stats and stats["skipped"] > 0
+    calls = stats["computed"] + stats["skipped"]
+    assert len(block_onloads) == (stats["computed"] if offload_first else calls)
+
+    disable_cache(transformer)
+    assert _hook_names(transformer) == {"group_offloading"}
+    block_onloads.clear()
+    assert np.array_equal(_run(pipe, kwargs), uncached)
+    assert len(block_onloads) == calls
