@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 import kvcache
 from kvcache.engine_adapters.hf.compat import with_cache
+from kvcache.budget import parse_budget
 from kvcache.registry import PolicyConfigError
 
 KV_KEYS = ("kv_policy", "kv_budget", "kv_layer_budget", "kv_attention", "kv_quant", "kv_ll_chunk")
@@ -47,25 +48,12 @@ class KVModelArgsError(PolicyConfigError):
     """Bad ``kv_*`` model_args; the message names the valid choices."""
 
 
-def parse_budget(value: Any) -> float | int:
-    """``0.5`` / ``"0.5"`` -> fraction, ``512`` / ``"512"`` -> tokens; anything else raises."""
-    if isinstance(value, bool):
-        raise KVModelArgsError(f"kv_budget must be a number, got {value!r}")
-    if isinstance(value, (int, float)):
-        number = value
-    else:
-        text = str(value).strip()
-        try:
-            number = int(text) if text.lstrip("-").isdigit() else float(text)
-        except ValueError:
-            raise KVModelArgsError(
-                f"kv_budget={value!r} is not a number: use a fraction of the prompt in (0, 1] (e.g. 0.5) or a token count (e.g. 512)"
-            ) from None
-    if isinstance(number, float) and not 0.0 < number <= 1.0:
-        raise KVModelArgsError(f"kv_budget={number} is a fraction and must be in (0, 1]; use an int for a token count")
-    if isinstance(number, int) and number < 1:
-        raise KVModelArgsError(f"kv_budget={number} tokens must be >= 1")
-    return number
+def _budget(value: Any) -> float | int:
+    """``kv_budget`` read by the one budget parser (:func:`kvcache.budget.parse_budget`)."""
+    try:
+        return parse_budget(value)
+    except PolicyConfigError as err:
+        raise KVModelArgsError(f"kv_budget: {err}") from None
 
 
 def split_kv_args(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -73,7 +61,7 @@ def split_kv_args(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any
     kwargs = dict(kwargs)
     kv = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith("kv_")}
     policy = str(kv.pop("kv_policy", "full"))
-    budget = parse_budget(kv.pop("kv_budget", 1.0))
+    budget = _budget(kv.pop("kv_budget", 1.0))
     layer_budget = str(kv.pop("kv_layer_budget", "uniform"))
     attention = str(kv.pop("kv_attention", "sdpa"))
     quant = str(kv.pop("kv_quant", "none"))

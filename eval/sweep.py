@@ -91,7 +91,8 @@ def run_sweep(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
     from kvcache.engine_adapters.hf import load_model
-    from kvcache.eval.lm_eval_model import KVCacheLM, parse_budget
+    from kvcache.budget import parse_budget
+    from kvcache.eval.lm_eval_model import KVCacheLM
 
     out_json = args.out / "sweep.json"
     budgets = [parse_budget(b) for b in args.budgets]

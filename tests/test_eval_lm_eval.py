@@ -144,8 +144,8 @@ def test_compression_reaches_loglikelihood(tiny_folder):
     [
         ({"kv_policy": "keyformr"}, "unknown kv_policy 'keyformr'; valid:"),
         ({"kv_budget": 1.5}, "must be in (0, 1]"),
-        ({"kv_budget": "half"}, "is not a number"),
-        ({"kv_budget": 0}, "tokens must be >= 1"),
+        ({"kv_budget": "half"}, "neither a fraction like 0.5 nor a token count"),
+        ({"kv_budget": 0}, "token count must be >= 1"),
         ({"kv_layer_budget": "pyramidal"}, "unknown kv_layer_budget 'pyramidal'; valid:"),
         ({"kv_policy": "keyformer", "kv_windw": 0.2}, "windw"),
         ({"kv_policy": "keyformer", "kv_tau_init": -1}, "tau_init must be a number > 0"),
