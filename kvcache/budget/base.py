@@ -55,6 +55,14 @@ class LayerBudget(abc.ABC):
 
     cascading: ClassVar[bool] = False
     registry_name: ClassVar[str]  # set by ``@register("budget", name)``
+    #: cascading policies: how many of the prompt's last queries give a layer's preference (0: none needed)
+    window: int = 0
+
+    def preference(self, window_probs: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+        """Cascading policies: a layer's preference per sequence ``[B]`` from the attention of its last
+        ``window`` prompt queries ``[B, H_kv, G, w, T]`` over the ``prefix`` slots ``[B, H_kv, T]`` (slots older
+        than the window). Engines call it only when ``cascading`` is set."""
+        raise NotImplementedError(f"{self.registry_name} is not a cascading layer budget; it has no preference")
 
     @abc.abstractmethod
     def allocate(
