@@ -28,9 +28,9 @@ def protected_slots(
 
 
 def effective_scores(scores: torch.Tensor, valid: torch.Tensor, protected: torch.Tensor) -> torch.Tensor:
-    """Scores with protected slots at +inf and padding/empty slots at -inf."""
-    inf = torch.tensor(float("inf"), dtype=scores.dtype, device=scores.device)
-    return torch.where(protected & valid, inf, torch.where(valid, scores, -inf))
+    """Scores with protected slots at +inf and padding/empty slots at -inf (Python scalars: no host
+    tensor is made and copied to the device)."""
+    return torch.where(protected & valid, float("inf"), torch.where(valid, scores, float("-inf")))
 
 
 def select_keep(
@@ -64,14 +64,16 @@ def select_keep(
 
 
 def replacement_slot(
-    scores: torch.Tensor, valid: torch.Tensor, protected: torch.Tensor, over_budget: torch.Tensor
+    scores: torch.Tensor, valid: torch.Tensor, protected: torch.Tensor, over_budget: torch.Tensor | bool
 ) -> torch.Tensor:
     """``[B, H]`` the slot one new token takes, without moving the others (decode-time eviction).
 
-    Where the sequence is ``over_budget`` (``[B, 1]`` or ``[B, H]``) it is the lowest-scoring unprotected
-    real token; otherwise an empty slot.
+    Where the sequence is ``over_budget`` (``[B, 1]`` or ``[B, H]``, or ``True`` for every sequence, as
+    an engine knows from its host-side counts) it is the lowest-scoring unprotected real token; otherwise
+    an empty slot.
     """
-    inf = torch.tensor(float("inf"), dtype=scores.dtype, device=scores.device)
-    evictable = torch.where(valid & ~protected, scores, inf).argmin(dim=-1)
+    evictable = torch.where(valid & ~protected, scores, float("inf")).argmin(dim=-1)
+    if over_budget is True:
+        return evictable
     empty = (~valid).to(torch.uint8).argmax(dim=-1)
     return torch.where(over_budget, evictable, empty)

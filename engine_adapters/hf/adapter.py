@@ -158,8 +158,8 @@ class KVSession:
             return attend(query, key, value, hf_visibility(mask, q, key.shape[2]), scaling, self.backend)
         layer: PolicyLayer = cache.layers[layer_idx]
         new_valid = new_token_validity(mask, q)
-        if new_valid is not None:
-            layer.mark_padding(new_valid)
+        if new_valid is not None:  # HF made a mask: padding somewhere (read once per pass, not per layer)
+            layer.mark_padding(new_valid, cache.pass_real_tokens(layer, new_valid))
         if isinstance(layer, QuantPolicyLayer):
             return self._attend_quantized(cache, layer, layer_idx, query, scaling)
         out = attend(query, key, value, self._visibility(layer, q), scaling, self.backend)
@@ -190,9 +190,11 @@ class KVSession:
 
     @staticmethod
     def _visibility(layer: PolicyLayer, q: int) -> torch.Tensor | str | None:
-        if layer.heads_aligned and layer.length == q and q > 1 and bool(layer.valid.all()):
+        """How this pass's queries see the layer's slots, decided from the host mirror of their validity."""
+        all_valid = layer.all_valid
+        if layer.heads_aligned and layer.length == q and q > 1 and all_valid:
             return "causal"
-        if q == 1 and bool(layer.valid.all()):  # a decode query sees every stored token
+        if q == 1 and all_valid:  # a decode query sees every stored token
             return None
         visible = layer.visible(q)
         return visible[:, :1] if layer.heads_aligned else visible
@@ -210,7 +212,7 @@ class KVSession:
             "bookkeeping_bytes": cache.bookkeeping_nbytes(),
             "kept_tokens_per_layer": cache.kept_tokens_per_layer(),
             "sequences": len(cache.layers[0].kept_tokens()),
-            "prompt_tokens": plan.prompt_len.tolist() if plan.prompt_len is not None else None,
+            "prompt_tokens": list(plan.prompt_len) if plan.prompt_len is not None else None,
             "logical_tokens": cache.get_seq_length(),
             "uncompressed_sequences": list(plan.uncompressed),
             "notes": list(plan.notes),

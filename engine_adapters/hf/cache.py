@@ -4,6 +4,14 @@ Each layer stores ``[B, H_kv, C_l, D]`` keys and values plus, per slot, its logi
 it is a real token, and its policy score. Slots need not be in sequence order and may differ per KV
 head. Two lengths are kept apart: ``seen`` (logical: tokens the sequence has seen, what RoPE and
 ``generate`` count) and ``length`` (physical: slots held).
+
+Host mirrors, so decode never reads a device tensor to decide anything (on a GPU each read is a
+synchronisation, and a decode step there is launch-bound): every layer keeps on the host how many real
+tokens each sequence holds per KV head (``real_tokens``; all heads of a sequence hold the same number)
+and its budget in tokens (``budget_tokens``). Whether attention needs a mask, whether a layer is over
+budget, the in-place replacement path and the kept capacity are all decided from them. The only reads
+left are once per forward pass, not per layer: the real tokens of a pass whose mask has padding
+(:meth:`PolicyCache.pass_real_tokens`) and, at the prompt pass, the budgets.
 """
 
 from __future__ import annotations
@@ -35,10 +43,12 @@ class CompressionPlan:
     plan: KVPlan
     num_layers: int
     max_new_tokens: int | None = None
-    # Filled at the prompt pass: [B] tensors, per-layer budgets [N, B], one RequestBudget per sequence.
-    prompt_len: torch.Tensor | None = None
+    # Filled at the prompt pass: real prompt tokens per sequence (host), first real position [B] (device),
+    # per-layer budgets [N, B] (device, and the same on the host), one RequestBudget per sequence.
+    prompt_len: list[int] | None = None
     first_index: torch.Tensor | None = None
     layer_budgets: torch.Tensor | None = None
+    layer_budget_tokens: list[list[int]] | None = None
     requests: list[RequestBudget] = field(default_factory=list)
     preferences: list[torch.Tensor] = field(default_factory=list)
 
@@ -59,13 +69,16 @@ class CompressionPlan:
         """Sequences whose prompt the budget would have compressed but the policy cannot (too short)."""
         return [i for i, r in enumerate(self.requests) if r.note]
 
-    def start(self, new_valid: torch.Tensor, first_index: torch.Tensor) -> None:
-        """Fix per-sequence budgets from the prompt (``new_valid [B, q]``: real tokens of the prompt pass)."""
-        self.prompt_len = new_valid.sum(dim=-1)
+    def start(self, prompt_len: list[int], first_index: torch.Tensor) -> None:
+        """Fix per-sequence budgets from the prompt (``prompt_len``: real tokens of the prompt pass per
+        sequence, host ints; ``first_index [B]``: position of each sequence's first real token)."""
+        self.prompt_len = list(prompt_len)
         self.first_index = first_index
-        self.requests = [self.plan.request(n) for n in self.prompt_len.tolist()]
-        if not self.layer_budget.cascading:
-            self.layer_budgets = self.plan.layer_budgets(self.requests, self.num_layers, device=new_valid.device)
+        self.requests = [self.plan.request(n) for n in self.prompt_len]
+        if not self.layer_budget.cascading:  # computed on the host, uploaded once
+            budgets = self.plan.layer_budgets(self.requests, self.num_layers)
+            self.layer_budget_tokens = budgets.tolist()
+            self.layer_budgets = budgets.to(first_index.device)
 
     def cascade(self, preference: torch.Tensor) -> torch.Tensor:
         """CAKE: add layer ``len(preferences)``'s preference; budgets ``[m + 1, B]`` for the layers seen so far."""
@@ -88,8 +101,11 @@ class PolicyLayer(CacheLayerMixin):
         self.seen = 0  # logical tokens seen
         self.passes = 0  # forward passes so far (0 during the prompt pass)
         self.budget: torch.Tensor | None = None  # [B] tokens this layer may keep per sequence
+        self.budget_tokens: list[int] | None = None  # the same on the host
         self.recent: torch.Tensor | None = None  # [B] of those, the protected recent window
         self.heads_aligned = True  # every KV head holds the same slots in sequence order
+        self.real_tokens: list[int] = []  # host mirror of valid.sum(-1) per sequence (equal for every KV head)
+        self.new_real: list[int] = []  # of those, how many came with the last pass
 
     # -- storage -------------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -137,6 +153,16 @@ class PolicyLayer(CacheLayerMixin):
         """``[B, H_kv, q, T]``: which slot each of this pass's queries may attend (slot order)."""
         return visibility(self.index, self.valid, self.query_index(q))
 
+    @property
+    def all_valid(self) -> bool:
+        """Every slot in use holds a real token (no padding, no empty slot), from the host mirror."""
+        return all(n == self.length for n in self.real_tokens)
+
+    def _count_appended(self, batch: int, q: int) -> None:
+        """Host mirror of an append of ``q`` real tokens per sequence."""
+        self.real_tokens = [n + q for n in self.real_tokens] if self.real_tokens else [q] * batch
+        self.new_real = [q] * batch
+
     def _buffers(self) -> list[str]:
         return ["_k", "_v", "_index", "_valid", "_scores"]
 
@@ -161,15 +187,20 @@ class PolicyLayer(CacheLayerMixin):
         self._k[:, :, start:stop] = key_states
         self._v[:, :, start:stop] = value_states
         self._index[:, :, start:stop] = torch.arange(self.seen, self.seen + q, device=self.device)
-        self._valid[:, :, start:stop] = True
-        self._scores[:, :, start:stop] = 0
+        self._valid[:, :, start:stop].fill_(True)
+        self._scores[:, :, start:stop].zero_()
         self.length, self.seen = stop, self.seen + q
+        self._count_appended(key_states.shape[0], q)
         return self.keys, self.values
 
-    def mark_padding(self, new_valid: torch.Tensor) -> None:
-        """Record which of the newest ``q`` slots are real tokens (``new_valid [B, q]``)."""
+    def mark_padding(self, new_valid: torch.Tensor, real: list[int] | None = None) -> None:
+        """Record which of the newest ``q`` slots are real tokens (``new_valid [B, q]``; ``real``: their
+        count per sequence on the host, read from ``new_valid`` when not given)."""
         q = new_valid.shape[1]
         self._valid[:, :, self.length - q : self.length] = new_valid[:, None, :]
+        real = new_valid.sum(dim=-1).tolist() if real is None else real
+        self.real_tokens = [n - q + r for n, r in zip(self.real_tokens, real)]
+        self.new_real = list(real)
 
     def keep(self, slots: torch.Tensor, slot_valid: torch.Tensor, headroom: int) -> None:
         """Keep only ``slots [B, H, C]`` (``slot_valid`` marks the real ones): the tensors shrink to C slots."""
@@ -263,14 +294,11 @@ class QuantPolicyLayer(PolicyLayer):
         self.store = KVStore(self.codec, key_states.shape[-1], key_states.dtype, key_states.device)
 
     def all_full_precision(self) -> bool:
-        """True when every slot of every head sits, in slot order, in the store's full-precision buffer."""
+        """True when every slot of every head sits, in slot order, in the store's full-precision buffer:
+        no tier holds a row (then every head's slots are all buffered, ``fp_count == num_tokens``, so
+        nothing needs reading from the device)."""
         store = self.store
-        return (
-            store is not None
-            and store.fp_count is not None
-            and all(tier.rows == 0 for tier in store.tiers)
-            and bool((store.fp_count == store.num_tokens).all())
-        )
+        return store is not None and store.fp_count is not None and all(tier.rows == 0 for tier in store.tiers)
 
     def _stored(self, which: int) -> torch.Tensor:
         """Full-precision keys (0) or values (1) of every slot. Free while the store has quantised nothing
@@ -293,6 +321,7 @@ class QuantPolicyLayer(PolicyLayer):
         self._valid = torch.cat([self.valid, torch.ones(b, h, q, dtype=torch.bool, device=self.device)], 2)
         self._scores = torch.cat([self.scores, torch.zeros(b, h, q, device=self.device)], 2)
         self.length, self.seen = self.length + q, self.seen + q
+        self._count_appended(b, q)
         # attention reads the store, not these; HF only passes them on to the attention function
         return key_states, value_states
 
@@ -310,10 +339,11 @@ class QuantPolicyLayer(PolicyLayer):
     def replace(self, victim: torch.Tensor) -> None:
         b, h, n = self._index.shape[0], self._index.shape[1], self.length
         self.store.remove(victim[..., None])
-        kept = torch.ones(b, h, n, dtype=torch.bool, device=self.device)
-        kept.scatter_(2, victim[..., None], False)
+        dropped = torch.zeros(b, h, n, dtype=torch.uint8, device=self.device)
+        dropped.scatter_(2, victim[..., None], 1)
+        others = dropped.argsort(dim=-1, stable=True)[..., : n - 1]  # the other slots, in order (no host read)
         for name in ("_index", "_valid", "_scores"):
-            setattr(self, name, getattr(self, name)[:, :, :n][kept].view(b, h, n - 1))
+            setattr(self, name, getattr(self, name)[:, :, :n].gather(2, others))
         self.length = n - 1
         self.heads_aligned = False
         self.evictions += 1
@@ -356,6 +386,7 @@ class PolicyCache(Cache):
         super().__init__(layers=layers)
         self.plan = plan
         self.codec = codec
+        self._pass_real: tuple[int, list[int]] | None = None  # (tokens seen after the pass, its real tokens)
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
@@ -366,6 +397,14 @@ class PolicyCache(Cache):
     def kept_tokens_per_layer(self) -> list[float]:
         """Real tokens kept per layer, averaged over sequences and KV heads."""
         return [sum(t) / max(1, len(t)) for t in (layer.kept_tokens() for layer in self.layers)]
+
+    def pass_real_tokens(self, layer: PolicyLayer, new_valid: torch.Tensor) -> list[int]:
+        """Real tokens per sequence among this forward pass's ``new_valid [B, q]``, on the host. The mask is
+        the same for every layer of a pass, so it is read once per pass (a pass is identified by the
+        tokens seen after it), not once per layer."""
+        if self._pass_real is None or self._pass_real[0] != layer.seen:
+            self._pass_real = (layer.seen, new_valid.sum(dim=-1).tolist())
+        return self._pass_real[1]
 
     def observe(
         self, layer_idx: int, queries: torch.Tensor, scaling: float, probabilities: torch.Tensor | None = None
@@ -379,7 +418,7 @@ class PolicyCache(Cache):
         if plan.prompt_len is None:
             valid_new = layer.valid[:, 0, -q:]
             first = torch.where(valid_new, layer.index[:, 0, -q:], layer.seen).min(dim=-1).values
-            plan.start(valid_new, first)
+            plan.start(layer.new_real, first)
         first_pass = layer.budget is None
         if not (first_pass or plan.policy.every_step):  # nothing to score or evict at this pass
             layer.passes += 1
@@ -399,55 +438,70 @@ class PolicyCache(Cache):
         previous = None if first_pass else layer.scores[:, :, : layer.length - q]
         layer._scores[:, :, : layer.length] = plan.policy.score(obs, previous)
         if first_pass:
-            self._set_budget(layer, self._first_budget(layer_idx, obs))
+            self._first_budget(layer_idx, obs)
         self._evict(layer, q)
         layer.passes += 1
 
-    def _first_budget(self, layer_idx: int, obs: Observation) -> torch.Tensor:
+    def _first_budget(self, layer_idx: int, obs: Observation) -> None:
+        """Set layer ``layer_idx``'s budget at its first pass (CAKE: and shrink the layers before it)."""
         plan = self.plan
         if plan.layer_budgets is not None:
-            return plan.layer_budgets[layer_idx]
+            assert plan.layer_budget_tokens is not None
+            self._set_budget(self.layers[layer_idx], plan.layer_budgets[layer_idx], plan.layer_budget_tokens[layer_idx])
+            return
         window = plan.layer_budget.window
         probs = window_probabilities(
             obs.queries, obs.keys, obs.key_index, obs.key_valid, obs.query_index, obs.scaling, window
         )
         prefix = obs.key_valid & (obs.key_index < (obs.query_index[:, -1:, None] + 1 - window))
         budgets = plan.cascade(plan.layer_budget.preference(probs, prefix))
+        budget_tokens = budgets.tolist()  # prompt pass only: cascading budgets depend on attention
         for earlier in range(layer_idx):  # cascading: shrink the layers already compressed
             previous_layer: PolicyLayer = self.layers[earlier]
-            self._set_budget(previous_layer, budgets[earlier])
+            self._set_budget(previous_layer, budgets[earlier], budget_tokens[earlier])
             self._evict(previous_layer, 0)
-        return budgets[layer_idx]
+        self._set_budget(self.layers[layer_idx], budgets[layer_idx], budget_tokens[layer_idx])
 
-    def _set_budget(self, layer: PolicyLayer, budget: torch.Tensor) -> None:
+    def _set_budget(self, layer: PolicyLayer, budget: torch.Tensor, budget_tokens: list[int]) -> None:
+        """``budget [B]`` on the device and ``budget_tokens`` (the same values) on the host."""
         layer.budget = budget
-        recent = [self.plan.plan.recent(int(c)) for c in budget.tolist()]
+        layer.budget_tokens = [int(c) for c in budget_tokens]
+        recent = [self.plan.plan.recent(c) for c in layer.budget_tokens]
         layer.recent = torch.tensor(recent, device=layer.device)
 
     def _evict(self, layer: PolicyLayer, q: int) -> None:
-        """Bring every sequence of ``layer`` back within its budget."""
+        """Bring every sequence of ``layer`` back within its budget. Decided from the host mirrors: a
+        sequence holding ``n`` real tokens per head over a budget ``c`` keeps ``min(n, c)`` (the selector
+        keeps the top ``c`` and padding or empty slots never rank above a real token)."""
         plan = self.plan
-        counts = layer.valid[:, 0].sum(dim=-1) if layer.heads_aligned else layer.valid.sum(dim=-1).max(dim=-1).values
-        if not bool((counts > layer.budget).any()):
+        assert layer.budget_tokens is not None
+        if all(n <= c for n, c in zip(layer.real_tokens, layer.budget_tokens)):
             return
         next_index = torch.full_like(plan.first_index, layer.seen)
         protected = protected_slots(layer.index, plan.first_index, next_index, plan.policy.sinks, layer.recent)
-        if q == 1 and not layer.heads_aligned and self._replace_one(layer, protected, counts):
+        if q == 1 and not layer.heads_aligned and self._replace_one(layer, protected):
             return
-        capacity = int(torch.minimum(counts, layer.budget).max())
+        kept = [min(n, c) for n, c in zip(layer.real_tokens, layer.budget_tokens)]
         headroom = 1 if plan.policy.every_step else 0
-        slots, slot_valid = select_keep(layer.scores, layer.valid, protected, layer.budget, capacity, layer.index)
+        slots, slot_valid = select_keep(layer.scores, layer.valid, protected, layer.budget, max(kept), layer.index)
         layer.keep(slots, slot_valid, headroom)
+        layer.real_tokens = kept
 
     @staticmethod
-    def _replace_one(layer: PolicyLayer, protected: torch.Tensor, counts: torch.Tensor) -> bool:
+    def _replace_one(layer: PolicyLayer, protected: torch.Tensor) -> bool:
         """Decode fast path: the new token takes one slot in place, nothing else moves. Returns False when
-        some sequence neither exceeds its budget nor has an empty slot (the general path handles it)."""
-        old = slice(0, layer.length - 1)
-        over_budget = (layer.valid.sum(dim=-1) > layer.budget[:, None])  # [B, H]
-        has_empty = (~layer.valid[:, :, old]).any(dim=-1)
-        if not bool((over_budget | has_empty).all()):
+        some sequence neither exceeds its budget nor has an empty slot among the older ones (the general
+        path handles it)."""
+        assert layer.budget_tokens is not None
+        over = [n > c for n, c in zip(layer.real_tokens, layer.budget_tokens)]
+        older_slots = layer.length - 1
+        has_empty = [n - new < older_slots for n, new in zip(layer.real_tokens, layer.new_real)]
+        if not all(o or e for o, e in zip(over, has_empty)):
             return False
+        old = slice(0, older_slots)
+        # every sequence over budget (the usual decode step): no need to find empty slots
+        over_budget = True if all(over) else layer.valid.sum(dim=-1) > layer.budget[:, None]  # [B, H]
         victim = replacement_slot(layer.scores[:, :, old], layer.valid[:, :, old], protected[:, :, old], over_budget)
         layer.replace(victim)
+        layer.real_tokens = [n - 1 if o else n for n, o in zip(layer.real_tokens, over)]
         return True
