@@ -14,6 +14,7 @@ from typing import Any
 
 from kvcache import registry
 from kvcache.budget.base import parse_budget
+from kvcache.budget.heads import parse_head_budget
 from kvcache.plan import KVPlan
 from kvcache.registry import PolicyConfigError
 
@@ -99,12 +100,12 @@ def parse(additional_config: dict[str, Any] | None) -> KVPluginConfig | None:
     """The plugin config in ``additional_config``, or None when no policy is configured (plugin inert).
 
     Raises :class:`KVPluginError` with the fix when a value is invalid or a feature is not supported
-    in vLLM (per-layer budgets, quantised KV).
+    in vLLM (per-layer or per-head budgets, quantised KV).
     """
     extra = dict(additional_config or {})
     spec = _loads(extra.get("kv_policy"))
     if spec in (None, "", "none"):
-        unused = [k for k in KEYS if k != "kv_policy" and extra.get(k) not in (None, "")]
+        unused = [k for k in (*KEYS, "kv_head_budget") if k != "kv_policy" and extra.get(k) not in (None, "")]
         if unused:
             raise KVPluginError(f"{', '.join(unused)} given without kv_policy; add --kv-policy NAME (e.g. snapkv)")
         return None
@@ -123,6 +124,17 @@ def parse(additional_config: dict[str, Any] | None) -> KVPluginConfig | None:
         )
     if recompact < 1:
         raise KVPluginError(f"kv_recompact_every must be >= 1 decode steps, got {recompact}")
+    try:
+        head_budget = parse_head_budget(str(extra.get("kv_head_budget") or "uniform"))
+    except PolicyConfigError as err:
+        raise KVPluginError(f"kv_head_budget: {err}") from err
+    if head_budget.adaptive:
+        raise KVPluginError(
+            "kv_head_budget adaptive (Ada-KV) is not supported in vLLM: vLLM keeps one block table per request for "
+            "all KV heads, so every head must keep the same tokens (use kv_head_budget uniform). Head-adaptive "
+            "budgets with per-head memory work in the Hugging Face adapter: kvcache.engine_adapters.hf "
+            "(kvcache generate --kv-head-budget adaptive, or kv_policy(model, ..., head_budget='adaptive') in Python)"
+        )
     layer_name, _ = registry.parse_spec(layer_budget)
     if layer_name != "uniform":
         try:
