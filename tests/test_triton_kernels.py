@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -23,9 +25,10 @@ try:
     triton = pytest.importorskip("triton")
     from triton.runtime.interpreter import InterpretedFunction
 
-    if not isinstance(triton.language.rand, InterpretedFunction):
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set; run this file on its own",
-                    allow_module_level=True)
+    # torch._dynamo imports triton (transformers imports it), so in a whole-suite run triton's own jit
+    # functions were made before TRITON_INTERPRET=1 and cannot run on CPU: this file then reruns itself
+    # in a fresh Python (test_kernels_in_a_fresh_interpreter)
+    IN_PROCESS = isinstance(triton.language.rand, InterpretedFunction)
     from kvcache.attention import triton_packed, triton_scoring
 finally:
     if _previous is None:
@@ -44,9 +47,21 @@ EULER_GAMMA = 0.5772156649
 
 
 @pytest.fixture(autouse=True)
-def interpreter(monkeypatch):
+def interpreter(request, monkeypatch):
     """Triton reads ``TRITON_INTERPRET`` again when a kernel first launches; set only around these tests."""
+    if not IN_PROCESS and request.function is not test_kernels_in_a_fresh_interpreter:
+        pytest.skip("triton was imported before TRITON_INTERPRET=1: run by test_kernels_in_a_fresh_interpreter")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.mark.skipif("IN_PROCESS", reason="the kernels run in this process")
+def test_kernels_in_a_fresh_interpreter():
+    """This file's tests in a fresh Python that sets ``TRITON_INTERPRET=1`` before anything imports triton."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not fresh_interpreter", __file__]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=os.path.dirname(__file__))
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-2000:]
 
 
 @pytest.fixture
