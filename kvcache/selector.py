@@ -77,3 +77,33 @@ def replacement_slot(
         return evictable
     empty = (~valid).to(torch.uint8).argmax(dim=-1)
     return torch.where(over_budget, evictable, empty)
+
+
+def select_keep_per_head(
+    scores: torch.Tensor,
+    valid: torch.Tensor,
+    protected: torch.Tensor,
+    head_counts: torch.Tensor,
+    capacity: int,
+    key_index: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`select_keep` with a count per KV head: keep the protected slots plus the top-scoring rest,
+    ``head_counts[b, h]`` slots for head ``h`` of sequence ``b`` (head-adaptive budgets, e.g.
+    :func:`kvcache.budget.heads.adaptive_head_budgets`). ``capacity`` is at least the largest count.
+
+    Returns ``keep [B, H, capacity]`` slot indices in ascending slot order and ``keep_valid`` (False past a
+    head's count, or where it has fewer real tokens); equal scores go to the more recent token when
+    ``key_index`` is given.
+    """
+    ranked = effective_scores(scores, valid, protected)
+    if key_index is None:
+        top_scores, top_slots = ranked.topk(capacity, dim=-1, sorted=True)
+    else:
+        newest_first = key_index.argsort(dim=-1, descending=True, stable=True)
+        by_score = ranked.gather(-1, newest_first).sort(dim=-1, descending=True, stable=True)
+        top_scores = by_score.values[..., :capacity]
+        top_slots = newest_first.gather(-1, by_score.indices[..., :capacity])
+    rank = torch.arange(capacity, device=scores.device)
+    keep_valid = (rank < head_counts[..., None]) & (top_scores > float("-inf"))
+    order = top_slots.argsort(dim=-1)
+    return top_slots.gather(-1, order), keep_valid.gather(-1, order)

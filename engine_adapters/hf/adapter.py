@@ -20,7 +20,9 @@ from kvcache.attention.backends import BACKENDS, attend
 from kvcache.attention.quantized import attend_packed, packed_probabilities
 from kvcache.engine_adapters.hf.cache import CompressionPlan, PolicyCache, PolicyLayer, QuantPolicyLayer
 from kvcache.engine_adapters.hf.compat import cache_arg, take_cache
+from kvcache.engine_adapters.hf.ragged import RaggedPolicyCache
 from kvcache.budget import check_budget
+from kvcache.budget.heads import HeadBudget, parse_head_budget
 from kvcache.plan import KVPlan
 from kvcache.registry import PolicyConfigError
 
@@ -83,8 +85,10 @@ class KVSession:
         backend: str,
         quant: Any = None,
         quant_name: str = "none",
+        head_budget: HeadBudget | None = None,
     ) -> None:
         self.model = model
+        self.head_budget = head_budget or HeadBudget()  # how a layer's budget splits over KV heads
         self.quant = quant  # a QuantCodec, or None for the dense cache
         self.quant_name = quant_name
         self.family = check_model(model)
@@ -129,6 +133,8 @@ class KVSession:
     # -- caches --------------------------------------------------------------------------------------
     def new_cache(self, max_new_tokens: int | None = None) -> PolicyCache:
         plan = CompressionPlan(KVPlan(self.policy, self.budget, self.layer_budget), self.num_layers, max_new_tokens)
+        if self.head_budget.adaptive and self.policy.compresses:  # per-head counts: the ragged layout
+            return RaggedPolicyCache(plan, self.head_budget)
         return PolicyCache(plan, self.quant)
 
     def _pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -209,6 +215,7 @@ class KVSession:
         return {
             "kv_bytes": cache.nbytes(),
             "quant": self.quant_name,
+            "head_budget": self.head_budget.spec,
             "bookkeeping_bytes": cache.bookkeeping_nbytes(),
             "kept_tokens_per_layer": cache.kept_tokens_per_layer(),
             "sequences": len(cache.layers[0].kept_tokens()),
@@ -263,6 +270,7 @@ def kv_policy(
     layer_budget: str | dict = "uniform",
     attention: str = "sdpa",
     quant: str | dict | None = None,
+    head_budget: str | dict | HeadBudget = "uniform",
     **policy_params: Any,
 ) -> Iterator[KVSession]:
     """Install a KV policy on ``model`` for the duration of the ``with`` block.
@@ -273,6 +281,9 @@ def kv_policy(
     ``quant`` stores the kept tokens quantised: a ``quant`` codec name or spec (``kvcache.names("quant")``,
     e.g. ``"zipcache"``, ``"kivi:bits=4"``); ``None``/``"none"`` keeps today's dense full-precision cache.
     Eviction and quantisation compose: the store holds exactly the slots eviction keeps.
+    ``head_budget`` splits each layer's budget over its KV heads: ``"uniform"`` (every head keeps C) or
+    ``"adaptive"`` / ``"adaptive:alpha=0.2"`` (Ada-KV, :mod:`kvcache.budget.heads`; each head holds only its
+    own kept tokens, :mod:`kvcache.engine_adapters.hf.ragged`).
 
     >>> with kv_policy(model, "keyformer", budget=0.5) as session:
     ...     out = model.generate(**inputs, max_new_tokens=64)
@@ -294,7 +305,15 @@ def kv_policy(
             config = model.config
             head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
             codec.check_head_dim(head_dim)
-    session = KVSession(model, evict, kvcache.create("budget", layer_budget), budget, attention, codec, quant_name)
+    heads = parse_head_budget(head_budget)
+    if heads.adaptive and codec is not None:
+        raise PolicyConfigError(
+            f"head_budget {heads.spec!r} with quant {quant_name!r} is not supported: the quantised store keeps one "
+            "slot count for all KV heads; use head_budget='uniform' with quant, or quant=None with adaptive heads"
+        )
+    session = KVSession(
+        model, evict, kvcache.create("budget", layer_budget), budget, attention, codec, quant_name, heads
+    )
     if getattr(model, "_kvcache_session_root", None) is not None:
         raise PolicyConfigError("this model already has a KV policy installed; nest kv_policy contexts one model at a time")
     model._kvcache_session_root = session
