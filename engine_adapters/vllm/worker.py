@@ -8,12 +8,18 @@ Seams in vLLM 0.32 (V1 model runner, ``vllm/v1/worker/gpu_model_runner.py``; the
   (``BlockTable.compute_slot_mapping``), so new keys land right after the kept ones while RoPE still
   sees the logical position.
 * ``CPUAttentionBackendImpl.forward`` (``vllm/v1/attention/backends/cpu_attn.py``) receives the post-RoPE
-  queries; the rows the plan asks for are copied out per layer.
+  queries; the rows the plan asks for are copied into one ``[L, rows, H_q, D]`` buffer (one row per layer).
 * ``GPUModelRunner.execute_model`` — after the forward pass (the barrier), each planned request is
-  scored per layer with the configured policy (``policy.score`` on an :class:`~kvcache.evict.base.Observation`),
-  the shared selector picks the kept slots per KV head (``kvcache.selector.select_keep``), the kept
-  keys/values are gathered into the first C slots of the request's own blocks and the worker's block
-  table row is trimmed (the scheduler frees the same tail blocks).
+  compacted in every layer at once (:mod:`~kvcache.engine_adapters.vllm.compact`): its keys are read as
+  ``[L, H_kv, T, D]``, all layers are scored in one ``policy.score`` call with the layers as the batch
+  dimension of the :class:`~kvcache.evict.base.Observation`, the shared selector picks the kept slots per
+  layer and KV head (``kvcache.selector.select_keep``), one indexed copy moves the kept keys/values into
+  the first C slots of the request's own blocks, and the worker's block table row is trimmed (the
+  scheduler frees the same tail blocks).
+* ``GPUModelRunner._sample`` / ``_bookkeeping_sync`` — a request with its own seed whose step only
+  prefilled part of its prompt has its sample discarded, and vLLM rewinds the request's generator with
+  ``set_offset``, which CPU generators do not have (the engine dies with "CPU Generator does not use
+  offset"). The CPU generator's state is saved before sampling and restored instead (:func:`patch_sampling`).
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ import numpy as np
 import torch
 
 from kvcache.engine_adapters.vllm import config as kvconfig
-from kvcache.engine_adapters.vllm.layout import TileLayout, gather_tokens, probe_tile_layout, write_tokens
+from kvcache.engine_adapters.vllm.compact import StackedKV, compact_order, fill_holes
+from kvcache.engine_adapters.vllm.layout import TileLayout, probe_tile_layout
 from kvcache.engine_adapters.vllm.plan import Compaction, StepPlan, plan_of
 from kvcache.evict.base import Observation
 from kvcache.plan import blocks_for
@@ -55,8 +62,10 @@ def patch_attention_impl(impl_cls: type) -> None:
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         capture = _CAPTURE
         if capture is not None and attn_metadata is not None:
-            q = query.reshape(query.shape[0], self.num_heads, self.head_size)
-            capture["store"][layer.layer_name] = q.index_select(0, capture["rows"]).to(torch.float32)
+            index = capture["layers"].get(layer.layer_name)
+            if index is not None:
+                q = query.reshape(query.shape[0], self.num_heads, self.head_size)
+                capture["store"][index].copy_(q.index_select(0, capture["rows"]))
         return original(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
 
     impl_cls.forward = forward
@@ -98,7 +107,64 @@ def patch_model_runner(runner_cls: type) -> None:
 
     runner_cls._prepare_inputs = _prepare_inputs
     runner_cls.execute_model = execute_model
+    patch_sampling(runner_cls)
     runner_cls._kvcache_patched = True
+
+
+def discarded_cpu_generators(runner: Any) -> dict[int, torch.Generator]:
+    """The per-request CPU generators of this step's requests whose sample vLLM will discard (a step that
+    prefilled only part of the prompt), by batch row."""
+    num_reqs = runner.input_batch.num_reqs
+    generators = runner.input_batch.generators
+    if not generators:
+        return {}
+    rows = np.nonzero(runner.discard_request_mask.np[:num_reqs])[0]
+    found = {}
+    for row in rows.tolist():
+        gen = generators.get(row)
+        if gen is not None and gen.device.type == "cpu":
+            found[row] = gen
+    return found
+
+
+def patch_sampling(runner_cls: type) -> None:
+    """Rewind seeded CPU generators after a discarded sample by restoring their state.
+
+    vLLM 0.32 samples a token for every scheduled request, discards it for requests still prefilling
+    their prompt in chunks, and rewinds the request's generator with ``gen.set_offset(gen.get_offset() - 4)``
+    (CUDA's Philox offset) in ``_bookkeeping_sync``. CPU generators (Mersenne Twister) have no offset, so a
+    seeded request with temperature > 0 and a chunked prompt killed the engine. Here the state of those
+    generators is saved before ``_sample`` and restored afterwards, which is the rewind a CPU generator
+    needs: the request's draws are the same whether or not its prompt was chunked. Inert on GPU generators
+    and when no request has a seed."""
+    if getattr(runner_cls, "_kvcache_sampling_patched", False):
+        return
+    original_sample = runner_cls._sample
+    original_bookkeeping = runner_cls._bookkeeping_sync
+
+    @functools.wraps(original_sample)
+    def _sample(self, *args, **kwargs):
+        found = discarded_cpu_generators(self)
+        self._kvcache_rewind = {row: (gen, gen.get_state()) for row, gen in found.items()}
+        return original_sample(self, *args, **kwargs)
+
+    @functools.wraps(original_bookkeeping)
+    def _bookkeeping_sync(self, *args, **kwargs):
+        saved = getattr(self, "_kvcache_rewind", None) or {}
+        self._kvcache_rewind = None
+        generators = self.input_batch.generators
+        # vLLM's own rewind calls set_offset on these: hide them from it and restore their state instead
+        hidden = {row: generators.pop(row) for row in saved if generators.get(row) is saved[row][0]}
+        try:
+            return original_bookkeeping(self, *args, **kwargs)
+        finally:
+            for row, gen in hidden.items():
+                gen.set_state(saved[row][1])
+                generators[row] = gen
+
+    runner_cls._sample = _sample
+    runner_cls._bookkeeping_sync = _bookkeeping_sync
+    runner_cls._kvcache_sampling_patched = True
 
 
 def worker_state(runner: Any) -> "WorkerKV | None":
@@ -112,13 +178,25 @@ def worker_state(runner: Any) -> "WorkerKV | None":
 
 @dataclass
 class RequestBuffers:
-    """What the worker keeps per request between compactions."""
+    """What the worker keeps per request between compactions (layers stacked on the first dimension)."""
 
-    queries: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> [H_q, n, D] captured queries
+    queries: torch.Tensor | None = None  # [L, H_q, n, D] captured queries (fp32)
     query_pos: torch.Tensor | None = None  # [n] logical positions of the captured queries
     decode: bool = False  # the buffered queries are decode queries (else a rolling prompt window)
-    slot_pos: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> [H_kv, P] logical pos of kept slots
-    scores: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> [H_kv, P] accumulated scores
+    slot_pos: torch.Tensor | None = None  # [L, H_kv, P] logical position of each kept slot
+    scores: torch.Tensor | None = None  # [L, H_kv, P] accumulated scores of the kept slots (every-step policies)
+
+
+@dataclass
+class LayerGroup:
+    """The attention layers of the (single) KV cache group, in cache order."""
+
+    names: list[str]
+    index: dict[str, int]  # layer name -> position in ``names``
+    num_heads: int  # query heads per layer
+    head_size: int
+    scaling: float
+    cache: StackedKV
 
 
 class WorkerKV:
@@ -127,8 +205,8 @@ class WorkerKV:
         self.policy = cfg.create_policy()
         self.requests: dict[str, RequestBuffers] = {}
         self.layouts: dict[tuple, TileLayout] = {}
-        self.layers: list[tuple[str, Any]] | None = None
-        self.stats = {"compactions": 0, "tokens_evicted": 0, "capture_s": 0.0, "compact_s": 0.0}
+        self.group: LayerGroup | None = None
+        self.stats = {"compactions": 0, "tokens_evicted": 0, "tokens_moved": 0, "capture_s": 0.0, "compact_s": 0.0}
 
     def drop(self, req_ids: Any) -> None:
         for req_id in req_ids or ():
@@ -167,15 +245,30 @@ class WorkerKV:
         if not rows:
             _CAPTURE = None
             return
-        _CAPTURE = {"rows": torch.cat(rows), "owners": owners, "store": {}}
+        group = self._group(runner)
+        store = torch.empty(len(group.names), offset, group.num_heads, group.head_size, dtype=torch.float32)
+        _CAPTURE = {"rows": torch.cat(rows), "owners": owners, "store": store, "layers": group.index}
 
     # ------------------------------------------------------------------------------------------
-    def _layers(self, runner: Any) -> list[tuple[str, Any]]:
-        if self.layers is None:
-            names = runner.kv_cache_config.kv_cache_groups[0].layer_names
+    def _group(self, runner: Any) -> LayerGroup:
+        if self.group is None:
+            names = list(runner.kv_cache_config.kv_cache_groups[0].layer_names)
             context = runner.compilation_config.static_forward_context
-            self.layers = [(name, context[name]) for name in names]
-        return self.layers
+            layers = [context[name] for name in names]
+            caches = [layer.kv_cache[0] if isinstance(layer.kv_cache, (list, tuple)) else layer.kv_cache for layer in layers]
+            shapes = {(layer.impl.num_heads, layer.impl.head_size, float(layer.impl.scale)) for layer in layers}
+            if len(shapes) != 1:
+                raise RuntimeError(
+                    f"kvcache: the attention layers differ in heads, head size or softmax scale ({sorted(shapes)}); "
+                    "the vLLM plugin scores all layers in one batch and needs them equal"
+                )
+            num_heads, head_size, scaling = shapes.pop()
+            layout = self._layout(layers[0], caches[0])
+            self.group = LayerGroup(
+                names, {name: i for i, name in enumerate(names)}, num_heads, head_size, scaling,
+                StackedKV(caches, layout),
+            )
+        return self.group
 
     def _layout(self, layer: Any, kv_cache: torch.Tensor) -> TileLayout:
         block_size = kv_cache.shape[2]
@@ -198,21 +291,19 @@ class WorkerKV:
     def _store_captures(self, captured: dict[str, Any] | None, plan: StepPlan) -> None:
         if not captured:
             return
-        store = captured["store"]
+        store = captured["store"]  # [L, rows, H_q, D]
         for req_id, offset, count, first_pos in captured["owners"]:
             buffers = self.requests.setdefault(req_id, RequestBuffers())
             if req_id in plan.decode_capture and not buffers.decode:
-                buffers.queries, buffers.query_pos, buffers.decode = {}, None, True
+                buffers.queries, buffers.query_pos, buffers.decode = None, None, True
             positions = torch.arange(first_pos, first_pos + count)
-            for name, rows in store.items():
-                q = rows[offset : offset + count].transpose(0, 1)  # [H_q, n, D]
-                old = buffers.queries.get(name)
-                buffers.queries[name] = q if old is None else torch.cat([old, q], dim=1)
+            q = store[:, offset : offset + count].transpose(1, 2)  # [L, H_q, n, D]
+            buffers.queries = q if buffers.queries is None else torch.cat([buffers.queries, q], dim=2)
             buffers.query_pos = positions if buffers.query_pos is None else torch.cat([buffers.query_pos, positions])
             keep = plan.observe.get(req_id)
             if not buffers.decode and keep is not None and buffers.query_pos.numel() > keep:
                 buffers.query_pos = buffers.query_pos[-keep:]
-                buffers.queries = {n: q[:, -keep:] for n, q in buffers.queries.items()}
+                buffers.queries = buffers.queries[:, :, -keep:]
 
     # ------------------------------------------------------------------------------------------
     def after_forward(self, runner: Any, plan: StepPlan, captured: dict[str, Any] | None) -> None:
@@ -227,61 +318,57 @@ class WorkerKV:
 
     @torch.no_grad()
     def _compact(self, runner: Any, req_id: str, c: Compaction) -> None:
-        req_state = runner.requests[req_id]
-        block_ids = req_state.block_ids[0]
+        """Score every layer of one request at once, keep ``c.target`` slots per layer and KV head, move them
+        into the first ``c.target`` slots and trim the block table."""
+        block_ids = runner.requests[req_id].block_ids[0]
         buffers = self.requests.setdefault(req_id, RequestBuffers())
         observes = self.policy.observed_prompt_queries(c.logical) > 0
         if buffers.query_pos is None and observes:
             raise RuntimeError(f"kvcache: no captured queries for request {req_id} at its {c.phase} compaction")
-        every_step = self.policy.every_step
+        group = self._group(runner)
+        cache = group.cache
         T = c.physical
-        block_size = 0
-        for name, layer in self._layers(runner):
-            kv_cache = layer.kv_cache
-            if isinstance(kv_cache, (list, tuple)):
-                kv_cache = kv_cache[0]
-            layout = self._layout(layer, kv_cache)
-            block_size = layout.block_size
-            keys, values = gather_tokens(kv_cache, layout, block_ids, T)  # [H, T, D]
-            h_kv = keys.shape[0]
-            kept = buffers.slot_pos.get(name)
-            prefix = 0 if kept is None else kept.shape[1]
-            fresh = torch.arange(c.logical - (T - prefix), c.logical).expand(h_kv, -1)
-            key_index = fresh if kept is None else torch.cat([kept, fresh], dim=1)
-            if observes:
-                queries, query_pos = buffers.queries[name], buffers.query_pos
-            else:  # scored from positions (or keys) alone: no queries were captured
-                queries = keys.new_zeros(layer.impl.num_heads, 0, keys.shape[-1])
-                query_pos = torch.zeros(0, dtype=torch.long)
-            obs = Observation(
-                queries=queries[None],
-                keys=keys[None],
-                key_index=key_index[None],
-                key_valid=torch.ones(1, h_kv, T, dtype=torch.bool),
-                query_index=query_pos[None],
-                scaling=float(layer.impl.scale),
-                step=c.step,
-                max_new_tokens=c.max_new_tokens,
-            )
-            previous = buffers.scores.get(name) if every_step else None
-            scores = self.policy.score(obs, None if previous is None else previous[None])
-            protected = protected_slots(
-                key_index[None], torch.zeros(1, dtype=torch.long), torch.tensor([c.logical]), c.sinks, c.recent
-            )
-            keep, _ = select_keep(scores, obs.key_valid, protected, torch.tensor([c.target]), c.target, key_index[None])
-            keep = keep[0]  # [H, C]
-            gather = keep[..., None].expand(-1, -1, keys.shape[-1])
-            write_tokens(kv_cache, layout, block_ids, keys.gather(1, gather), values.gather(1, gather))
-            buffers.slot_pos[name] = key_index.gather(1, keep)
-            if every_step:
-                buffers.scores[name] = scores[0].gather(1, keep)
+        blocks = torch.tensor(block_ids[: -(-T // cache.block_size)], dtype=torch.long)
+        keys = cache.read_keys(blocks, T)  # [L, H_kv, T, D]
+        layers, h_kv = keys.shape[0], keys.shape[1]
+        kept = buffers.slot_pos
+        prefix = 0 if kept is None else kept.shape[-1]
+        fresh = torch.arange(c.logical - (T - prefix), c.logical).expand(layers, h_kv, -1)
+        key_index = fresh if kept is None else torch.cat([kept, fresh], dim=-1)
+        if observes:
+            queries, query_pos = buffers.queries, buffers.query_pos
+        else:  # scored from positions (or keys) alone: no queries were captured
+            queries = keys.new_zeros(layers, group.num_heads, 0, group.head_size)
+            query_pos = torch.zeros(0, dtype=torch.long)
+        obs = Observation(
+            queries=queries,
+            keys=keys,
+            key_index=key_index,
+            key_valid=torch.ones(1, 1, 1, dtype=torch.bool).expand(layers, h_kv, T),
+            query_index=query_pos.expand(layers, -1),
+            scaling=group.scaling,
+            step=c.step,
+            max_new_tokens=c.max_new_tokens,
+        )
+        every_step = self.policy.every_step
+        scores = self.policy.score(obs, buffers.scores if every_step else None)  # [L, H_kv, T]
+        protected = protected_slots(
+            key_index, torch.zeros(1, dtype=torch.long), torch.tensor([c.logical]), c.sinks, c.recent
+        )
+        keep, _ = select_keep(scores, obs.key_valid, protected, torch.tensor([c.target]), c.target, key_index)
+        # prompt compactions keep slot order; decode re-compactions refill the evicted slots in place
+        source = fill_holes(keep, c.target) if c.phase == "decode" else compact_order(keep)
+        self.stats["tokens_moved"] += cache.move(blocks, source)
+        buffers.slot_pos = key_index.gather(-1, source)
+        if every_step:
+            buffers.scores = scores.gather(-1, source)
         # Trim the worker's block table to the blocks the kept tokens occupy (the scheduler frees the rest).
-        n_keep = blocks_for(c.target, block_size)
+        n_keep = blocks_for(c.target, cache.block_size)
         del block_ids[n_keep:]
         row = runner.input_batch.req_id_to_index.get(req_id)
         if row is not None:
             runner.input_batch.block_table[0].num_blocks_per_row[row] = n_keep
         if c.phase != "chunk":
-            buffers.queries, buffers.query_pos = {}, None
+            buffers.queries, buffers.query_pos = None, None
         self.stats["compactions"] += 1
         self.stats["tokens_evicted"] += T - c.target

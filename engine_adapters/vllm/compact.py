@@ -1,0 +1,195 @@
+"""Every layer's paged KV cache addressed as one tensor, so a request is compacted in a handful of ops.
+
+vLLM allocates the KV cache of a cache group as one buffer and hands each layer a view
+``[num_blocks, H_kv, block_size, 2 * D]`` into it (on CPU: per (block, head) a key tile of
+``block_size * D`` elements, then a value tile; :mod:`~kvcache.engine_adapters.vllm.layout` learns how
+a tile orders its elements). When the layer views sit at a constant distance in the same storage, as
+they do in vLLM 0.32, :class:`StackedKV` views the whole group as ``[L, num_blocks, H_kv, block_size, D]``
+for keys and for values (``as_strided``, no copy) and every read or move is one indexing op over all
+layers and heads. Tiles whose layout is not an affine map of (token, dim) are indexed element-wise
+through the learned permutation; layers that do not share a storage are handled one view each.
+
+A compaction is then, for the whole request: read the keys of its first T physical slots
+(:meth:`StackedKV.read_keys`, ``[L, H_kv, T, D]``), score all layers in one ``policy.score`` call with the
+layers as the batch dimension, one ``select_keep``, and one :meth:`StackedKV.move` that copies the kept
+tokens' keys and values into the first C slots. :func:`compact_order` keeps the kept tokens in
+ascending slot order (prompt compactions, as the Hugging Face adapter does); :func:`fill_holes` moves
+only the kept tokens that sit past C into the slots of evicted ones (decode re-compactions: at most k
+tokens per layer and head move, the others stay where they are, as the HF adapter's in-place
+replacement does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvcache.engine_adapters.vllm.layout import TileLayout
+
+
+def affine_strides(perm: torch.Tensor, block_size: int, head_size: int) -> tuple[int, int] | None:
+    """``(token_stride, dim_stride)`` when ``perm[t * D + d] == t * token_stride + d * dim_stride``
+    (row-major tiles: ``(D, 1)``; transposed key tiles: ``(1, block_size)``), else None."""
+    grid = perm.view(block_size, head_size)
+    token_stride = int(grid[1, 0] - grid[0, 0]) if block_size > 1 else head_size
+    dim_stride = int(grid[0, 1] - grid[0, 0]) if head_size > 1 else 1
+    want = (
+        torch.arange(block_size)[:, None] * token_stride + torch.arange(head_size)[None, :] * dim_stride
+    )
+    return (token_stride, dim_stride) if int(grid[0, 0]) == 0 and torch.equal(grid, want) else None
+
+
+@dataclass
+class _Part:
+    """Consecutive layers ``[first, first + count)`` that one strided view covers."""
+
+    first: int
+    count: int
+    keys: torch.Tensor  # [count, num_blocks, H, block_size, D] view, or [count, num_blocks, H, bs * D] flat tiles
+    values: torch.Tensor
+
+
+class StackedKV:
+    """Keys and values of every layer of a KV cache group, addressed by (layer, KV head, physical slot)."""
+
+    def __init__(self, caches: list[torch.Tensor], layout: TileLayout) -> None:
+        first = caches[0]
+        self.block_size, self.head_size = layout.block_size, layout.head_size
+        self.num_layers, self.num_heads = len(caches), first.shape[1]
+        bs, d = self.block_size, self.head_size
+        for cache in caches:
+            if cache.dim() != 4 or cache.shape[2:] != (bs, 2 * d) or cache.stride()[2:] != (2 * d, 1):
+                raise RuntimeError(
+                    f"kvcache: unexpected KV cache view {tuple(cache.shape)} strides {cache.stride()}; expected "
+                    f"[num_blocks, H_kv, {bs}, {2 * d}] with contiguous (block, head) tiles (vLLM's CPU backend)"
+                )
+        key_strides = affine_strides(layout.perm_k, bs, d)
+        value_strides = affine_strides(layout.perm_v, bs, d)
+        # element offsets of (token, dim) inside a tile, for layouts that are no affine map
+        self._key_table = None if key_strides else layout.perm_k.view(bs, d)
+        self._value_table = None if value_strides else layout.perm_v.view(bs, d)
+        self.parts = []
+        for start, count, step in _runs(caches):
+            base = caches[start]
+            outer = (count, base.shape[0], base.shape[1])
+            outer_strides = (step, base.stride(0), base.stride(1))
+            offset = base.storage_offset()
+            views = []
+            for strides, extra in ((key_strides, 0), (value_strides, bs * d)):
+                if strides is None:
+                    views.append(base.as_strided(outer + (bs * d,), outer_strides + (1,), offset + extra))
+                else:
+                    views.append(base.as_strided(outer + (bs, d), outer_strides + strides, offset + extra))
+            self.parts.append(_Part(start, count, views[0], views[1]))
+
+    # ------------------------------------------------------------------------------------------
+    @staticmethod
+    def _get(view: torch.Tensor, table: torch.Tensor | None, layer, block, head, offset) -> torch.Tensor:
+        if table is None:
+            return view[layer, block, head, offset]
+        return view[layer[..., None], block[..., None], head[..., None], table[offset]]
+
+    @staticmethod
+    def _put(view: torch.Tensor, table: torch.Tensor | None, layer, block, head, offset, data: torch.Tensor) -> None:
+        if table is None:
+            view.index_put_((layer, block, head, offset), data)
+        else:
+            view.index_put_((layer[..., None], block[..., None], head[..., None], table[offset]), data)
+
+    def read_keys(self, blocks: torch.Tensor, length: int) -> torch.Tensor:
+        """Keys ``[L, H_kv, length, D]`` of the first ``length`` physical slots of a request whose block
+        table is ``blocks`` (int64)."""
+        slots = torch.arange(length)
+        block = blocks[slots // self.block_size][None, None]
+        offset = (slots % self.block_size)[None, None]
+        head = torch.arange(self.num_heads)[None, :, None]
+        out = []
+        for part in self.parts:
+            layer = torch.arange(part.count)[:, None, None]
+            out.append(self._get(part.keys, self._key_table, layer, block, head, offset))
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+    def read(self, blocks: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[L, H_kv, n, D]`` of the slots ``slots [L, H_kv, n]`` (different per layer and head)."""
+        keys, values = [], []
+        head = torch.arange(self.num_heads)[None, :, None]
+        for part in self.parts:
+            mine = slots[part.first : part.first + part.count]
+            layer = torch.arange(part.count)[:, None, None]
+            block, offset = blocks[mine // self.block_size], mine % self.block_size
+            keys.append(self._get(part.keys, self._key_table, layer, block, head, offset))
+            values.append(self._get(part.values, self._value_table, layer, block, head, offset))
+        if len(self.parts) == 1:
+            return keys[0], values[0]
+        return torch.cat(keys), torch.cat(values)
+
+    def move(self, blocks: torch.Tensor, source: torch.Tensor) -> int:
+        """Slot j of layer l, head h receives the key and value of slot ``source[l, h, j]`` (``[L, H_kv, C]``);
+        only the slots whose source differs are copied. Every source is read before any slot is written,
+        so sources may be destinations of others. Returns the tokens moved (per layer and head, summed)."""
+        capacity = source.shape[-1]
+        changed = source != torch.arange(capacity)
+        layer, head, dest = changed.nonzero(as_tuple=True)
+        if dest.numel() == 0:
+            return 0
+        src = source[layer, head, dest]
+        bs = self.block_size
+        for part in self.parts:
+            if len(self.parts) == 1:
+                mine = slice(None)
+            else:
+                mine = (layer >= part.first) & (layer < part.first + part.count)
+            lay = layer[mine] - part.first
+            h, s, t = head[mine], src[mine], dest[mine]
+            keys = self._get(part.keys, self._key_table, lay, blocks[s // bs], h, s % bs)
+            values = self._get(part.values, self._value_table, lay, blocks[s // bs], h, s % bs)
+            self._put(part.keys, self._key_table, lay, blocks[t // bs], h, t % bs, keys)
+            self._put(part.values, self._value_table, lay, blocks[t // bs], h, t % bs, values)
+        return int(dest.numel())
+
+
+def _runs(caches: list[torch.Tensor]) -> list[tuple[int, int, int]]:
+    """Split the layers into runs ``(first, count, layer_stride)`` that one strided view can cover: same
+    storage, shape, strides and dtype, storage offsets in arithmetic progression."""
+    runs: list[tuple[int, int, int]] = []
+    start = 0
+    while start < len(caches):
+        base = caches[start]
+        count, step = 1, 0
+        while start + count < len(caches):
+            nxt = caches[start + count]
+            same = (
+                nxt.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+                and nxt.shape == base.shape and nxt.stride() == base.stride() and nxt.dtype == base.dtype
+            )
+            gap = nxt.storage_offset() - caches[start + count - 1].storage_offset()
+            if not same or gap <= 0 or (count > 1 and gap != step):
+                break
+            step = gap
+            count += 1
+        runs.append((start, count, step))
+        start += count
+    return runs
+
+
+def compact_order(keep: torch.Tensor) -> torch.Tensor:
+    """Sources for a compaction in slot order: slot j receives the j-th kept slot (``keep`` ascending)."""
+    return keep
+
+
+def fill_holes(keep: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Sources ``[L, H, C]`` that leave every kept slot below C where it is and move the kept slots at or
+    past C into the evicted slots below C, the i-th hole (ascending) taking the i-th such slot."""
+    layers, heads, _ = keep.shape
+    length = int(keep.max()) + 1 if keep.numel() else capacity
+    kept = torch.zeros(layers, heads, max(length, capacity), dtype=torch.bool)
+    kept.scatter_(-1, keep, True)
+    holes = ~kept[..., :capacity]
+    tail = kept[..., capacity:]
+    positions = torch.arange(tail.shape[-1])
+    # kept tail slots first, in ascending order (evicted ones sorted after them)
+    movers = torch.where(tail, positions, tail.shape[-1] + positions).sort(dim=-1).values + capacity
+    rank = (holes.cumsum(dim=-1) - 1).clamp_(min=0)
+    filled = movers.gather(-1, rank.clamp(max=max(0, movers.shape[-1] - 1))) if movers.shape[-1] else rank
+    return torch.where(holes, filled, torch.arange(capacity))
