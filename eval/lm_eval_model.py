@@ -10,6 +10,8 @@
 * ``kv_policy``        an ``evict`` policy name (``kvcache policies``); default ``full``.
 * ``kv_budget``        a float in (0, 1] is a fraction of each prompt, an int a token count; default 1.0.
 * ``kv_layer_budget``  a ``budget`` policy name (uniform, pyramid, cake); default ``uniform``.
+* ``kv_head_budget``   split of each layer's budget over its KV heads: ``uniform`` (default) or ``adaptive``
+                       (Ada-KV; ``adaptive:alpha=0.3`` sets the safeguard share), per-head memory in the HF adapter.
 * ``kv_attention``     attention backend of the adapter; default ``sdpa``.
 * ``kv_quant``         a ``quant`` codec name or spec (``none``, ``zipcache``, ``kivi``, ``kivi:bits=4``; default
                        ``none``): the kept tokens are stored quantised, composed with the eviction policy.
@@ -39,9 +41,10 @@ from tqdm import tqdm
 import kvcache
 from kvcache.engine_adapters.hf.compat import with_cache
 from kvcache.budget import parse_budget
+from kvcache.budget.heads import parse_head_budget
 from kvcache.registry import PolicyConfigError
 
-KV_KEYS = ("kv_policy", "kv_budget", "kv_layer_budget", "kv_attention", "kv_quant", "kv_ll_chunk")
+KV_KEYS = ("kv_policy", "kv_budget", "kv_layer_budget", "kv_head_budget", "kv_attention", "kv_quant", "kv_ll_chunk")
 
 
 class KVModelArgsError(PolicyConfigError):
@@ -63,6 +66,7 @@ def split_kv_args(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any
     policy = str(kv.pop("kv_policy", "full"))
     budget = _budget(kv.pop("kv_budget", 1.0))
     layer_budget = str(kv.pop("kv_layer_budget", "uniform"))
+    head_budget = str(kv.pop("kv_head_budget", "uniform"))
     attention = str(kv.pop("kv_attention", "sdpa"))
     quant = str(kv.pop("kv_quant", "none"))
     chunk = kv.pop("kv_ll_chunk", 1)
@@ -82,11 +86,16 @@ def split_kv_args(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any
         evict = kvcache.create("evict", policy, **{k: v for k, v in policy_params.items() if k != "quant"})
         kvcache.create("budget", layer_budget)
         kvcache.create("quant", quant)
+        heads = parse_head_budget(head_budget)
+        if heads.adaptive and quant != "none":
+            raise PolicyConfigError("kv_head_budget adaptive does not combine with kv_quant; use kv_head_budget=uniform")
         if isinstance(budget, int) and evict.compresses:
             evict.check_budget(budget)
     except PolicyConfigError as err:
         raise KVModelArgsError(f"bad kv_* model_args: {err}") from err
     settings = dict(policy=policy, budget=budget, layer_budget=layer_budget, attention=attention, **policy_params)
+    if heads.adaptive:
+        settings["head_budget"] = heads.spec
     return {"settings": settings, "ll_chunk": int(chunk)}, kwargs
 
 

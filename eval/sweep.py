@@ -3,6 +3,7 @@
     kvcache sweep --model smollm2-135m --policies keyformer snapkv h2o streaming \\
         --budgets 0.25 0.5 --tasks kvlong_1k --limit 4 --out results/sweep_smollm2
     kvcache sweep --policies snapkv --budgets 0.5 --quants none zipcache kivi:bits=2 kivi:bits=4
+    kvcache sweep --policies snapkv --budgets 0.25 --head-budgets uniform adaptive
 
 With ``--quants`` each codec also runs alone on the full cache, and every policy x budget runs with each
 codec; rows record the bytes actually held per stored token (all layers, K and V).
@@ -34,6 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policies", nargs="+", default=DEFAULT_POLICIES, help="evict policies (or name:key=value specs)")
     p.add_argument("--budgets", nargs="+", type=float, default=DEFAULT_BUDGETS, help="KV budgets as fractions of the prompt")
     p.add_argument("--layer-budgets", nargs="+", default=["uniform"], help="budget policies (uniform pyramid cake)")
+    p.add_argument("--head-budgets", nargs="+", default=["uniform"], help="head budgets (uniform adaptive 'adaptive:alpha=0.3')")
     p.add_argument("--quants", nargs="+", default=["none"], help="quant codecs or specs (none zipcache kivi:bits=2 ...)")
     p.add_argument("--tasks", default="kvlong_1k", help="comma-separated lm-eval tasks or groups (kvlong, kvlong_2k, ...)")
     p.add_argument("--limit", type=int, default=None, help="samples per task (default: all 16)")
@@ -54,8 +56,11 @@ def _task_scores(results: dict) -> dict[str, dict[str, float]]:
     return scores
 
 
+FULL_KEY = ("full", 1.0, "uniform", "none", "uniform")
+
+
 def config_key(c: dict) -> tuple:
-    return c["policy"], c["budget"], c["layer_budget"], c.get("quant", "none")
+    return c["policy"], c["budget"], c["layer_budget"], c.get("quant", "none"), c.get("head_budget", "uniform")
 
 
 def bytes_per_stored_token(stats: list[dict]) -> float | None:
@@ -68,14 +73,15 @@ def bytes_per_stored_token(stats: list[dict]) -> float | None:
 
 
 def config_label(c: dict | tuple) -> str:
-    policy, budget, layer_budget, quant = config_key(c) if isinstance(c, dict) else c
+    policy, budget, layer_budget, quant, head_budget = config_key(c) if isinstance(c, dict) else c
     label = policy if layer_budget == "uniform" else f"{policy}+{layer_budget}"
+    label = label if head_budget == "uniform" else f"{label}+heads:{head_budget}"
     return label if quant == "none" else f"{label}+{quant}"
 
 
 def summarise(data: dict) -> None:
     """Add each configuration's suite mean and its ratio to the full cache's mean."""
-    full = next((c for c in data["configs"] if config_key(c) == ("full", 1.0, "uniform", "none")), None)
+    full = next((c for c in data["configs"] if config_key(c) == FULL_KEY), None)
     for c in data["configs"]:
         vals = [v["score"] for v in c["tasks"].values()]
         c["mean"] = sum(vals) / len(vals) if vals else None
@@ -97,8 +103,9 @@ def run_sweep(args: argparse.Namespace) -> dict:
     out_json = args.out / "sweep.json"
     budgets = [parse_budget(b) for b in args.budgets]
     codecs = [q for q in args.quants if q != "none"]
-    configs = [("full", 1.0, "uniform", "none")] + [("full", 1.0, "uniform", q) for q in codecs] + [
-        (p, b, lb, q) for q in args.quants for lb in args.layer_budgets for p in args.policies for b in budgets
+    configs = [FULL_KEY] + [("full", 1.0, "uniform", q, "uniform") for q in codecs] + [
+        (p, b, lb, q, hb) for q in args.quants for lb in args.layer_budgets for hb in args.head_budgets
+        for p in args.policies for b in budgets if hb == "uniform" or q == "none"  # adaptive heads store unquantised
     ]
     data: dict[str, Any] = {
         "model": args.model, "tasks": args.tasks, "limit": args.limit, "batch_size": args.batch_size,
@@ -117,10 +124,11 @@ def run_sweep(args: argparse.Namespace) -> dict:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     manager = TaskManager(include_path=str(Path(__file__).resolve().parent / "tasks"))
     bar = tqdm(total=len(configs), initial=len(configs) - len(todo), desc="sweep", unit="config")
-    for policy, budget, layer_budget, quant in todo:
-        bar.set_postfix_str(f"{policy} {budget} {layer_budget} {quant}")
+    for policy, budget, layer_budget, quant, head_budget in todo:
+        bar.set_postfix_str(f"{policy} {budget} {layer_budget} {quant} {head_budget}")
         lm = KVCacheLM(pretrained=model, tokenizer=tokenizer, device=args.device, batch_size=args.batch_size,
-                       kv_policy=policy, kv_budget=budget, kv_layer_budget=layer_budget, kv_quant=quant)
+                       kv_policy=policy, kv_budget=budget, kv_layer_budget=layer_budget, kv_quant=quant,
+                       kv_head_budget=head_budget)
         start = time.perf_counter()
         try:
             res = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=args.limit,
@@ -130,7 +138,8 @@ def run_sweep(args: argparse.Namespace) -> dict:
             lm.close()
         kept = [s["kept_tokens_per_layer"] for s in lm.kv_stats if s.get("kept_tokens_per_layer")]
         data["configs"].append({
-            "policy": policy, "budget": budget, "layer_budget": layer_budget, "quant": quant, "tasks": _task_scores(res),
+            "policy": policy, "budget": budget, "layer_budget": layer_budget, "quant": quant, "head_budget": head_budget,
+            "tasks": _task_scores(res),
             "seconds": round(time.perf_counter() - start, 1),
             "mean_kv_bytes": (sum(s["kv_bytes"] for s in lm.kv_stats) / len(lm.kv_stats)) if lm.kv_stats else None,
             "bytes_per_stored_token": bytes_per_stored_token(lm.kv_stats),
@@ -155,7 +164,7 @@ def plot(data: dict, path: Path) -> None:
     cols = min(4, len(panels))
     rows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
-    full = next((c for c in configs if config_key(c) == ("full", 1.0, "uniform", "none")), None)
+    full = next((c for c in configs if config_key(c) == FULL_KEY), None)
     lines = sorted({config_label(c) for c in configs if c is not full})
     for ax, panel in zip(axes.flat, panels):
         def value(c):
@@ -187,13 +196,17 @@ def markdown_table(data: dict) -> str:
     configs = data["configs"]
     tasks = sorted({t for c in configs for t in c["tasks"]})
     short = [t.replace("kvlong_", "") for t in tasks]
-    head = "| policy | layer budget | quant | budget | " + " | ".join(short) + " | mean | vs full | KV MiB | bytes/token |"
-    sep = "|" + "---|" * (len(tasks) + 8)
+    heads = any(c.get("head_budget", "uniform") != "uniform" for c in configs)  # a column only when they vary
+    head = ("| policy | layer budget | " + ("heads | " if heads else "") + "quant | budget | " + " | ".join(short)
+            + " | mean | vs full | KV MiB | bytes/token |")
+    sep = "|" + "---|" * (len(tasks) + 8 + heads)
     rows = [head, sep]
-    for c in sorted(configs, key=lambda c: (c["policy"] != "full", c["policy"], c["layer_budget"], c.get("quant", "none"), c["budget"])):
+    for c in sorted(configs, key=lambda c: (c["policy"] != "full", c["policy"], c["layer_budget"], c.get("head_budget", "uniform"),
+                                            c.get("quant", "none"), c["budget"])):
         cells = [f"{c['tasks'][t]['score']:.2f}" if t in c["tasks"] else "" for t in tasks]
         ratio, per_token, held = c.get("ratio_to_full"), c.get("bytes_per_stored_token"), c.get("mean_kv_bytes")
-        rows.append(f"| {c['policy']} | {c['layer_budget']} | {c.get('quant', 'none')} | {c['budget']} | " + " | ".join(cells)
+        head_cell = f"{c.get('head_budget', 'uniform')} | " if heads else ""
+        rows.append(f"| {c['policy']} | {c['layer_budget']} | {head_cell}{c.get('quant', 'none')} | {c['budget']} | " + " | ".join(cells)
                     + f" | {c['mean']:.3f} | {'' if ratio is None else f'{100 * ratio:.0f}%'} | "
                     + f"{'' if held is None else f'{held / 2**20:.1f}'} | {'' if per_token is None else f'{per_token:,.0f}'} |")
     return "\n".join(rows)
@@ -216,6 +229,9 @@ def run(args: argparse.Namespace) -> int:
         kvcache.create("budget", lb)
     for q in args.quants:
         kvcache.create("quant", q)
+    from kvcache.budget.heads import parse_head_budget
+
+    args.head_budgets = [parse_head_budget(hb).spec for hb in args.head_budgets]
     if args.plot_only:
         data = json.loads((args.out / "sweep.json").read_text())
     else:

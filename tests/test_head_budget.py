@@ -22,6 +22,11 @@ from kvcache.engine_adapters.hf.ragged import RaggedPolicyCache, RaggedPolicyLay
 from kvcache.registry import PolicyConfigError
 from kvcache.selector import select_keep, select_keep_per_head
 
+try:  # the tiny Llama folder with the embedded tokenizer, for the lm-eval sweep (needs lm_eval)
+    from test_eval_lm_eval import tiny_folder  # noqa: F401  (fixture)
+except pytest.skip.Exception:
+    pass
+
 PARAMS = {"snapkv": {"window": 4}, "keyformer": {"seed": 0}, "expected-attention": {}}
 PROMPT_ONLY = ["snapkv", "knorm", "expected-attention"]
 EVERY_STEP = ["h2o", "keyformer", "tova", "streaming"]
@@ -294,3 +299,54 @@ def test_refusals_name_the_fix(make_model):
     with pytest.raises(KVPluginError, match="Hugging Face adapter"):
         parse({"kv_policy": "snapkv", "kv_head_budget": "adaptive"})
     assert parse({"kv_policy": "snapkv", "kv_head_budget": "uniform"}) is not None
+
+
+# -- surfaces -------------------------------------------------------------------------------------------
+def test_lm_eval_model_args_carry_the_head_budget():
+    pytest.importorskip("lm_eval")
+    from kvcache.eval.lm_eval_model import KVModelArgsError, split_kv_args
+
+    kv, _ = split_kv_args({"kv_policy": "snapkv", "kv_budget": "0.25", "kv_head_budget": "adaptive:alpha=0.3"})
+    assert kv["settings"]["head_budget"] == "adaptive:alpha=0.3"
+    assert "head_budget" not in split_kv_args({"kv_policy": "snapkv", "kv_head_budget": "uniform"})[0]["settings"]
+    with pytest.raises(KVModelArgsError, match="valid head budgets: uniform, adaptive"):
+        split_kv_args({"kv_policy": "snapkv", "kv_head_budget": "per-head"})
+    with pytest.raises(KVModelArgsError, match="kv_head_budget=uniform"):
+        split_kv_args({"kv_policy": "snapkv", "kv_head_budget": "adaptive", "kv_quant": "kivi"})
+
+
+def test_generate_cli_refuses_a_bad_head_budget_before_loading_a_model():
+    import argparse
+
+    from kvcache.engine_adapters.hf import generate_cli
+
+    parser = argparse.ArgumentParser()
+    generate_cli.add_arguments(parser)
+    assert parser.parse_args(["hi", "--kv-head-budget", "adaptive"]).kv_head_budget == "adaptive"
+    args = parser.parse_args(["hi", "--model", "no/such-model", "--kv-head-budget", "adaptive:alpha=2"])
+    with pytest.raises(PolicyConfigError, match="alpha"):
+        generate_cli.run(args)
+
+
+def test_sweep_runs_uniform_and_adaptive_heads_through_lm_eval(tmp_path, request):
+    pytest.importorskip("lm_eval")
+    import argparse
+    import json
+
+    from kvcache.eval import sweep
+
+    folder = request.getfixturevalue("tiny_folder")
+    parser = argparse.ArgumentParser()
+    sweep.add_arguments(parser)
+    out = tmp_path / "sweep"
+    args = parser.parse_args(["--model", str(folder), "--policies", "snapkv", "--budgets", "0.25", "--head-budgets",
+                              "uniform", "adaptive", "--tasks", "kvlong_passkey_1k", "--limit", "2", "--batch-size", "2",
+                              "--out", str(out)])
+    assert sweep.run(args) == 0
+    configs = json.loads((out / "sweep.json").read_text())["configs"]
+    assert [(c["policy"], c["head_budget"]) for c in configs] == [("full", "uniform"), ("snapkv", "uniform"), ("snapkv", "adaptive")]
+    full, uniform, adaptive = configs
+    # the same total per layer (C x H_kv), only split differently: bytes within the growth headroom of uniform's
+    assert adaptive["mean_kv_bytes"] < 0.5 * full["mean_kv_bytes"]
+    assert abs(adaptive["mean_kv_bytes"] - uniform["mean_kv_bytes"]) < 0.1 * uniform["mean_kv_bytes"]
+    assert "| snapkv | uniform | adaptive | none | 0.25 |" in (out / "table.md").read_text()

@@ -7,6 +7,7 @@ With ``--json`` it prints one object: text, token counts, ``kv_bytes`` summed fr
 after generation, ``kv_bytes_full`` from a full-cache run of the same prompt in the same process
 (skip it with ``--no-full``), kept tokens per layer, prefill seconds and decode tokens/s. ``--kv-quant``
 stores the kept tokens quantised (``zipcache``, ``kivi``, ``kivi:bits=4``; JSON ``kv_quant``).
+``--kv-head-budget adaptive`` splits each layer's budget over its KV heads (Ada-KV; JSON ``kv_head_budget``).
 """
 
 from __future__ import annotations
@@ -99,12 +100,13 @@ def run_generation(
     seed: int = 0,
     with_full: bool = True,
     quant: str | None = None,
+    head_budget: str = "uniform",
 ) -> dict[str, Any]:
     """Generate under the policy (and, if ``with_full``, with the unmodified model); measured figures."""
     from kvcache.engine_adapters.hf import kv_policy
 
     inputs = encode(tokenizer, prompt, chat, assistant_prefix)
-    with kv_policy(model, policy, budget, layer_budget=layer_budget, quant=quant) as session:
+    with kv_policy(model, policy, budget, layer_budget=layer_budget, quant=quant, head_budget=head_budget) as session:
         result = timed_generate(model, tokenizer, inputs, max_new_tokens, sample, seed)
         stats = session.stats()
     result.update(
@@ -112,6 +114,7 @@ def run_generation(
         budget=budget,
         layer_budget=layer_budget,
         kv_quant=quant or "none",
+        kv_head_budget=stats["head_budget"],
         kept_tokens_per_layer=[round(t, 2) for t in stats["kept_tokens_per_layer"]],
         bookkeeping_bytes=stats["bookkeeping_bytes"],
         compressed=not stats["uncompressed_sequences"],
@@ -136,6 +139,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-policy", default="snapkv", help="eviction policy, e.g. keyformer or 'snapkv:window=16'")
     parser.add_argument("--kv-budget", default="0.5", help="fraction of the prompt (0.5) or tokens per layer (512)")
     parser.add_argument("--kv-layer-budget", default="uniform", help="uniform, pyramid or cake")
+    parser.add_argument(
+        "--kv-head-budget", default="uniform", help="split of a layer's budget over KV heads: uniform, adaptive (Ada-KV), 'adaptive:alpha=0.2'"
+    )
     parser.add_argument("--kv-quant", default="none", help="store kept tokens quantised: none, zipcache, kivi, 'kivi:bits=4'")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
@@ -167,11 +173,14 @@ def run(args: argparse.Namespace) -> int:
     kvcache.create("evict", args.kv_policy)  # a bad spec fails here, before the model loads
     kvcache.create("budget", args.kv_layer_budget)
     kvcache.create("quant", args.kv_quant)
+    from kvcache.budget.heads import parse_head_budget
+
+    parse_head_budget(args.kv_head_budget)
     model, tokenizer = load_model(args.model)
     result = run_generation(
         model, tokenizer, prompt, policy=args.kv_policy, budget=budget, layer_budget=args.kv_layer_budget,
         max_new_tokens=args.max_new_tokens, chat=args.chat, sample=args.sample, seed=args.seed,
-        with_full=not args.no_full, quant=args.kv_quant,
+        with_full=not args.no_full, quant=args.kv_quant, head_budget=args.kv_head_budget,
     )
     if args.json:
         print(json.dumps(result, indent=2))
@@ -181,7 +190,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {note}", file=sys.stderr)
     full = f" (full cache: {result['kv_bytes_full'] / 2**20:.1f} MiB)" if result["kv_bytes_full"] else ""
     print(
-        f"\n[{args.kv_policy} @ {budget}{'' if args.kv_quant == 'none' else ' + ' + args.kv_quant}] prompt {result['prompt_tokens']} tokens, KV {result['kv_bytes'] / 2**20:.1f} MiB"
+        f"\n[{args.kv_policy} @ {budget}{'' if args.kv_quant == 'none' else ' + ' + args.kv_quant}"
+        f"{'' if result['kv_head_budget'] == 'uniform' else ', heads ' + result['kv_head_budget']}] prompt {result['prompt_tokens']} tokens, KV {result['kv_bytes'] / 2**20:.1f} MiB"
         f"{full}, prefill {result['prefill_s']:.2f}s, decode {result['decode_tokens_per_s']} tok/s",
         file=sys.stderr,
     )
