@@ -6,14 +6,20 @@ itself, so a padding query has one finite logit and never produces NaNs.
 
 Grouped-query attention is handled by viewing the ``H_q = G * H_kv`` query heads as ``[H_kv, G]``;
 keys are never repeated per query head.
+
+Positions or validity shared by every sequence or head may be passed expanded (stride 0 over those
+dimensions, e.g. ``torch.arange(T).expand(B, H, T)`` for a prompt whose slots are its positions): the
+mask is then computed once for them, ``[q, T]`` instead of ``[B, H_kv, q, T]``.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 
+from kvcache.attention.gumbel import GumbelLogits
 from kvcache.attention.triton_dispatch import kernel_computes, use_triton
 
 # Upper bound on the elements of one chunk of logits (fp32): 2**20 elements = 4 MiB, small enough to stay
@@ -28,11 +34,36 @@ def visibility(key_index: torch.Tensor, key_valid: torch.Tensor, query_index: to
     return (key_valid[:, :, None, :] & (k_idx <= q_idx)) | (k_idx == q_idx)
 
 
+def _shared(tensor: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """``tensor`` with each of ``dims`` that is an expanded broadcast (stride 0) narrowed to size 1."""
+    for dim in dims:
+        if tensor.stride(dim) == 0 and tensor.shape[dim] > 1:
+            tensor = tensor.narrow(dim, 0, 1)
+    return tensor
+
+
+def hidden_slots(key_index: torch.Tensor, key_valid: torch.Tensor, query_index: torch.Tensor) -> torch.Tensor:
+    """``~visibility``: True where query ``i`` may not attend slot ``j``, ``(not valid_j or index_j > index_i)
+    and index_j != index_i``, broadcastable to ``[B, H_kv, q, T]`` (size 1 where the inputs are shared)."""
+    k_idx = _shared(key_index, (0, 1))[:, :, None, :]
+    q_idx = _shared(query_index, (0,))[:, None, :, None]
+    invalid = ~_shared(key_valid, (0, 1))[:, :, None, :]
+    return (invalid | (k_idx > q_idx)) & (k_idx != q_idx)
+
+
+def _is_power_of_two(x: float) -> bool:
+    return x > 0 and math.frexp(x)[0] == 0.5
+
+
 def grouped_logits(queries: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
-    """z = Q K^T * scaling in fp32, shaped ``[B, H_kv, G, q, T]``."""
+    """z = Q K^T * scaling in fp32, shaped ``[B, H_kv, G, q, T]``. A power-of-two ``scaling`` (1/8 for
+    64-channel heads) is exact either way, so it scales the ``q x D`` queries instead of the ``q x T``
+    logits (the same bits, a smaller pass)."""
     b, h_q, q, d = queries.shape
     h_kv, t = keys.shape[1], keys.shape[2]
     stacked = queries.reshape(b, h_kv, h_q // h_kv * q, d).float()  # the group's queries stacked: no broadcast copy of K
+    if _is_power_of_two(scaling):
+        return torch.matmul(stacked * scaling, keys.float().transpose(-1, -2)).view(b, h_kv, h_q // h_kv, q, t)
     return torch.matmul(stacked, keys.float().transpose(-1, -2)).mul_(scaling).view(b, h_kv, h_q // h_kv, q, t)
 
 
@@ -44,10 +75,18 @@ def masked_logits(
     query_index: torch.Tensor,
     scaling: float,
 ) -> torch.Tensor:
-    """Grouped logits ``[B, H_kv, G, q, T]`` with invisible slots at ``-inf``."""
+    """Grouped logits ``[B, H_kv, G, q, T]`` with invisible slots at ``-inf`` (masked in place)."""
     logits = grouped_logits(queries, keys, scaling)
-    visible = visibility(key_index, key_valid, query_index)[:, :, None]
-    return logits.masked_fill(~visible, float("-inf"))
+    return logits.masked_fill_(hidden_slots(key_index, key_valid, query_index)[:, :, None], float("-inf"))
+
+
+def gumbel_logits_(logits: torch.Tensor, transform: GumbelLogits) -> torch.Tensor:
+    """``transform(logits)`` computed in place: the same uniform draws from ``transform.generator`` and the
+    same arithmetic as :func:`kvcache.attention.gumbel.gumbel_noise`, ``(z - log(-log U)) / tau``, with no
+    intermediate tensors (Keyformer's prompt pass draws one noise value per query-slot pair)."""
+    noise = torch.rand(logits.shape, device=logits.device, generator=transform.generator).clamp_(1e-20, 1.0 - 1e-7)
+    noise.log_().neg_().log_().neg_()
+    return logits.add_(noise).div_(transform.tau)
 
 
 def query_chunk(num_queries: int, row_elements: int) -> int:
@@ -77,24 +116,43 @@ def column_sums(
     h_kv, t = keys.shape[1], keys.shape[2]
     total = torch.zeros(b, h_kv, h_q // h_kv, t, dtype=torch.float32, device=keys.device)
     step = query_chunk(q, b * h_q * t)
-    for start in range(0, q, step):
-        stop = min(q, start + step)
-        seen = visible_prefix(key_index, query_index[:, start:stop]) if stop - start > 1 else t
-        z = masked_logits(
-            queries[:, :, start:stop], keys[:, :, :seen], key_index[..., :seen], key_valid[..., :seen],
-            query_index[:, start:stop], scaling,
-        )
-        if transform is not None:
+    chunks = [(start, min(q, start + step)) for start in range(0, q, step)]
+    for (start, stop), (masked_from, seen) in zip(chunks, chunk_columns(key_index, key_valid, query_index, chunks)):
+        z = grouped_logits(queries[:, :, start:stop], keys[:, :, :seen], scaling)
+        if masked_from < seen:  # slots before ``masked_from`` are visible to every query of the chunk
+            hidden = hidden_slots(
+                key_index[..., masked_from:seen], key_valid[..., masked_from:seen], query_index[:, start:stop]
+            )
+            z[..., masked_from:].masked_fill_(hidden[:, :, None], float("-inf"))
+        if isinstance(transform, GumbelLogits):
+            z = gumbel_logits_(z, transform)
+        elif transform is not None:
             z = transform(z)
         total[..., :seen] += torch.softmax(z, dim=-1).sum(dim=-2)
     return total
 
 
-def visible_prefix(key_index: torch.Tensor, query_index: torch.Tensor) -> int:
-    """Slots up to the last one any of these queries may see; the slots after it get no attention, so
-    causal prompt chunks skip them (half the work of a prompt pass)."""
-    could_see = (key_index <= query_index.max()).flatten(0, 1).any(0)
-    return int(could_see.nonzero().max()) + 1 if bool(could_see.any()) else 1
+def chunk_columns(
+    key_index: torch.Tensor, key_valid: torch.Tensor, query_index: torch.Tensor, chunks: list[tuple[int, int]]
+) -> list[tuple[int, int]]:
+    """For each chunk ``(start, stop)`` of the queries, the slot range ``[masked_from, seen)`` that needs a
+    mask. Slots from ``seen`` on are hidden from every query of the chunk (a causal prompt chunk skips
+    them: half the work of a prompt pass); slots before ``masked_from`` are real tokens no later than the
+    chunk's first query, so every query sees them (a causal chunk masks only its triangle). One host read
+    for all chunks; a single-query chunk (a decode step) needs none and masks every slot."""
+    t = key_index.shape[-1]
+    if all(stop - start == 1 for start, stop in chunks):
+        return [(0, t)] * len(chunks)
+    first_query = torch.stack([query_index[:, start:stop].min() for start, stop in chunks])  # [n]
+    last_query = torch.stack([query_index[:, start:stop].max() for start, stop in chunks])
+    slots = _shared(key_index, (0, 1)).flatten(0, 1)[None]  # [1, B * H_kv or 1, T]
+    position = torch.arange(1, t + 1, device=slots.device)
+    seen = (slots <= last_query[:, None, None]).any(1).mul(position).amax(-1).clamp_(min=1)
+    invalid = (~_shared(key_valid, (0, 1))).flatten(0, 1).any(0)  # [T]
+    may_hide = (slots > first_query[:, None, None]).any(1) | invalid  # [n, T]
+    masked_from = torch.where(may_hide, position - 1, t).amin(-1)
+    columns = torch.stack([masked_from, seen], -1).tolist()
+    return [(min(lo, hi), hi) if stop - start > 1 else (0, t) for (lo, hi), (start, stop) in zip(columns, chunks)]
 
 
 def window_probabilities(

@@ -423,11 +423,16 @@ class PolicyCache(Cache):
         if not (first_pass or plan.policy.every_step):  # nothing to score or evict at this pass
             layer.passes += 1
             return
+        key_index, key_valid = layer.index, layer.valid
+        if layer.heads_aligned and layer.length == layer.seen:  # every slot is its position, in every head
+            key_index = torch.arange(layer.length, device=layer.device).expand(key_index.shape)
+        if layer.all_valid:  # shared values, passed expanded: scoring masks [q, T] once, not per sequence and head
+            key_valid = torch.ones((), dtype=torch.bool, device=layer.device).expand(key_valid.shape)
         obs = Observation(
             queries=queries,
             keys=layer.keys if probabilities is None else None,
-            key_index=layer.index,
-            key_valid=layer.valid,
+            key_index=key_index,
+            key_valid=key_valid,
             query_index=layer.query_index(q),
             scaling=scaling,
             step=layer.passes,
