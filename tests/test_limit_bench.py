@@ -1,0 +1,27 @@
+"""``kvcache limit-bench`` bookkeeping: every run is kept, ratios are of medians, the spread is recorded."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvcache.eval.limit_bench import save
+
+
+def test_ratios_are_of_medians_and_every_run_is_kept(tmp_path) -> None:
+    rows = {
+        "full": {"prompt_tokens": 8, "decode_s_per_step_runs": [0.010, 0.012, 0.011], "prefill_s_runs": [1.0, 1.2, 1.1]},
+        "h2o": {"prompt_tokens": 32, "decode_s_per_step_runs": [0.013, 0.030, 0.0132], "prefill_s_runs": [4.0, 4.4, 4.2]},
+    }
+    meta = {"question": "q", "load_before": [1.5, 1.2, 1.0], "load_after": [1.7, 1.3, 1.0]}
+    report = save(meta, rows, tmp_path)
+    h2o = report["rows"]["h2o"]
+    assert h2o["decode_s_per_step"] == 0.0132  # the median, not the fastest or the mean
+    assert (h2o["decode_s_per_step_min"], h2o["decode_s_per_step_max"]) == (0.013, 0.030)
+    assert h2o["prefill_s"] == 4.2
+    assert h2o["decode_ratio_vs_full_at_C"] == pytest.approx(0.0132 / 0.011)
+    written = json.loads((tmp_path / "limit_bench.json").read_text())
+    assert written["rows"]["h2o"]["decode_s_per_step_runs"] == [0.013, 0.030, 0.0132]
+    assert written["load_before"] == [1.5, 1.2, 1.0] and written["load_after"] == [1.7, 1.3, 1.0]
+    assert (tmp_path / "limit_bench.png").exists()
