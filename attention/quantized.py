@@ -40,7 +40,7 @@ class PackedTier(NamedTuple):
 
     bits: int
     value_group: int  # channels per value scale/zero
-    k_codes: torch.Tensor  # [B, H, N, D * bits / 8] uint8, 8 / bits codes per byte, first code in the low bits
+    k_codes: torch.Tensor  # [B, H, N, D * key_bits / 8] uint8, 8 / key_bits codes per byte, first code in the low bits
     v_codes: torch.Tensor  # [B, H, N, D * bits / 8] uint8
     k_scale: torch.Tensor  # [B, H, P, D] per group of rows: k = code * scale + zero
     k_zero: torch.Tensor  # [B, H, P, D]
@@ -49,6 +49,7 @@ class PackedTier(NamedTuple):
     v_chan: torch.Tensor | None  # [B, H, P, D] channel normalisers (v *= chan), or None
     row_group: torch.Tensor  # [B, H, N] parameter group P of each row
     row_slot: torch.Tensor  # [B, H, N] slot of each row (num_tokens on padding rows)
+    key_bits: int  # bit width of the key codes (``bits`` is the values'; ZipCache may hold keys wider)
 
 
 class PackedLayout(NamedTuple):

@@ -33,12 +33,13 @@ TARGET_PROGRAMS = 512  # splits are sized so that a decode step launches about t
 def _packed_decode_kernel(
     q_ptr, k_ptr, v_ptr, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, v_chan_ptr, group_ptr, slot_ptr,
     mask_ptr, m_out_ptr, l_out_ptr, acc_out_ptr,
-    n_rows, n_groups, code_bytes, value_groups, value_group, rows_per_split, split_base, total_splits,
+    n_rows, n_groups, code_bytes, key_code_bytes, value_groups, value_group, rows_per_split, split_base, total_splits,
     q_rows, q_len, t_len, head_dim, padded_rows,
-    BITS: tl.constexpr, HAS_CHAN: tl.constexpr, MASK_KIND: tl.constexpr,
+    BITS: tl.constexpr, KEY_BITS: tl.constexpr, HAS_CHAN: tl.constexpr, MASK_KIND: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One split of one region (``BITS`` = 0: the fp buffer) for one (batch, KV head) and row block.
+    ``BITS``/``code_bytes`` are the value codes', ``KEY_BITS``/``key_code_bytes`` the key codes'.
     ``MASK_KIND``: 0 none, 1 per slot ``[BH, T + 1]``, 2 per query and slot ``[BH, q, T + 1]``."""
     row_block = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -53,6 +54,10 @@ def _packed_decode_kernel(
     code_mask: tl.constexpr = (1 << BITS) - 1 if BITS > 0 else 0
     byte_of_dim = dims // per_byte
     shift_of_dim = (dims % per_byte) * BITS
+    key_per_byte: tl.constexpr = 8 // KEY_BITS if KEY_BITS > 0 else 1
+    key_code_mask: tl.constexpr = (1 << KEY_BITS) - 1 if KEY_BITS > 0 else 0
+    key_byte_of_dim = dims // key_per_byte
+    key_shift_of_dim = (dims % key_per_byte) * KEY_BITS
 
     row_max = tl.full([BLOCK_R], float("-inf"), tl.float32)
     norm = tl.zeros([BLOCK_R], tl.float32)
@@ -69,7 +74,8 @@ def _packed_decode_kernel(
             v = tl.load(v_ptr + flat_row[:, None] * head_dim + dims[None, :], mask=tile_ok, other=0.0).to(tl.float32)
         else:
             code_offsets = flat_row[:, None] * code_bytes + byte_of_dim[None, :]
-            k_code = (tl.load(k_ptr + code_offsets, mask=tile_ok, other=0).to(tl.int32) >> shift_of_dim[None, :]) & code_mask
+            key_offsets = flat_row[:, None] * key_code_bytes + key_byte_of_dim[None, :]
+            k_code = (tl.load(k_ptr + key_offsets, mask=tile_ok, other=0).to(tl.int32) >> key_shift_of_dim[None, :]) & key_code_mask
             v_code = (tl.load(v_ptr + code_offsets, mask=tile_ok, other=0).to(tl.int32) >> shift_of_dim[None, :]) & code_mask
             group = tl.load(group_ptr + flat_row, mask=row_ok, other=0)
             param_offsets = (bh * n_groups + group)[:, None] * head_dim + dims[None, :]
@@ -170,20 +176,22 @@ def attend_packed(
         if tier is None:
             tensors = [layout.fp_keys.contiguous(), layout.fp_values.contiguous(), dummy, dummy, dummy, dummy, dummy,
                        dummy, layout.fp_slot.contiguous()]
-            n_groups, code_bytes, value_groups, value_group, has_chan = 1, d, 1, d, False
+            n_groups, code_bytes, key_code_bytes, value_groups, value_group, has_chan = 1, d, d, 1, d, False
+            key_bits = 0
         else:
             tensors = [t.contiguous() for t in (tier.k_codes, tier.v_codes, tier.k_scale, tier.k_zero, tier.v_scale,
                                                 tier.v_zero)]
             tensors += [tier.v_chan.contiguous() if tier.v_chan is not None else dummy, tier.row_group.contiguous(),
                         tier.row_slot.contiguous()]
-            n_groups, code_bytes = tier.k_scale.shape[2], tier.k_codes.shape[3]
+            n_groups, code_bytes, key_code_bytes = tier.k_scale.shape[2], tier.v_codes.shape[3], tier.k_codes.shape[3]
+            key_bits = tier.key_bits
             value_groups, value_group, has_chan = tier.v_scale.shape[3], tier.value_group, tier.v_chan is not None
         if splits:
             _packed_decode_kernel[(row_blocks, b * h_kv, splits)](
                 grouped, *tensors, mask_u8 if mask_u8 is not None else dummy, stats, norms, accs,
-                n_rows, n_groups, code_bytes, value_groups, value_group, rows_per_split, split_base, total_splits,
-                q_rows, q_len, store.num_tokens, d, padded_rows,
-                BITS=bits, HAS_CHAN=has_chan, MASK_KIND=mask_kind,
+                n_rows, n_groups, code_bytes, key_code_bytes, value_groups, value_group, rows_per_split, split_base,
+                total_splits, q_rows, q_len, store.num_tokens, d, padded_rows,
+                BITS=bits, KEY_BITS=key_bits, HAS_CHAN=has_chan, MASK_KIND=mask_kind,
                 BLOCK_R=block_r, BLOCK_N=BLOCK_KEYS, BLOCK_D=block_d,
             )
         split_base += splits

@@ -107,6 +107,7 @@ def run_sweep(args: argparse.Namespace) -> dict:
         (p, b, lb, q, hb) for q in args.quants for lb in args.layer_budgets for hb in args.head_budgets
         for p in args.policies for b in budgets if hb == "uniform" or q == "none"  # adaptive heads store unquantised
     ]
+    configs = list(dict.fromkeys(configs))  # `--policies full --budgets 1.0` names the codec-alone rows again
     data: dict[str, Any] = {
         "model": args.model, "tasks": args.tasks, "limit": args.limit, "batch_size": args.batch_size,
         "chat_template": not args.no_chat_template, "device": args.device, "machine": machine(args.device), "configs": [],

@@ -148,6 +148,27 @@ def test_kv_bytes_are_the_stores_bytes_and_zipcache_is_small() -> None:
     assert dense_stats["kv_bytes"] >= 2 * fp16_equivalent  # the fp32 dense cache, for scale
 
 
+def test_zipcache_defaults_hold_4_5x_fewer_bytes_than_16_bit_through_the_adapter() -> None:
+    """head_dim 64 (SmolLM2's), a 1K prompt and 16 generated tokens, fp32 model: the bytes held per stored
+    token, scales and the 16-bit streaming buffer included, against 2 bytes x (K, V) x head_dim per layer
+    and KV head."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(
+        vocab_size=96, hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=64, max_position_embeddings=2048, tie_word_embeddings=False,
+    )
+    model = tf.LlamaForCausalLM(config).eval()
+    ids = torch.randint(3, 96, (1, 1000), generator=torch.Generator().manual_seed(0))
+    _, stats, cache = generate(model, ids, torch.ones_like(ids), new_tokens=16, policy="full", budget=1.0, quant="zipcache")
+    stored = cache.layers[0].store.num_tokens
+    assert stored == 1000 + 15  # the last generated token is never fed back
+    assert all(layer.store._fp_k.dtype == torch.float16 for layer in cache.layers)  # the paper's 16-bit buffer
+    sixteen_bit = config.num_hidden_layers * 1 * stored * 2 * 64 * 2
+    assert sixteen_bit / stats["kv_bytes"] >= 4.5, sixteen_bit / stats["kv_bytes"]
+
+
 @pytest.mark.parametrize(
     "quant, message",
     [

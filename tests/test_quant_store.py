@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kvcache
+from kvcache.quant.quantizer import dequantize_groups, quantize_groups
 from kvcache.quant.store import KVStore
 from kvcache.registry import PolicyConfigError
 from kvcache.selector import select_keep
@@ -31,7 +32,8 @@ def _fp_count(store: kvcache.quant.KVStore) -> list[int]:
 def test_registered_with_defaults() -> None:
     assert {"none", "kivi", "zipcache"} <= set(kvcache.names("quant"))
     z = kvcache.create("quant", "zipcache")
-    assert (z.high_bits, z.low_bits, z.ratio, z.streaming_gap) == (4, 2, 0.4, 100)
+    assert (z.high_bits, z.low_bits, z.low_key_bits, z.ratio, z.streaming_gap) == (4, 2, 4, 0.95, 100)
+    assert z.buffer_dtype == "auto"
     k = kvcache.create("quant", "kivi:bits=4,group_size=16")
     assert (k.bits, k.group_size, k.residual) == (4, 16, 128)
     assert kvcache.create("quant", "kivi").bits == 2
@@ -48,6 +50,8 @@ def test_registered_with_defaults() -> None:
         ("zipcache:high_bits=2,low_bits=4", "must not exceed high_bits"),
         ("zipcache:ratio=1.5", r"ratio must be a number in \[0.0, 1.0\]"),
         ("zipcache:streaming_gap=0", "streaming_gap must be an integer >= 1"),
+        ("zipcache:low_key_bits=3", "low_key_bits must be one of 2, 4, 8"),
+        ("zipcache:buffer_dtype=int8", "buffer_dtype must be one of 'auto', 'float16'"),
         ("kivi:scale_dtype=int8", "scale_dtype must be one of float16, bfloat16, float32"),
     ],
 )
@@ -111,7 +115,8 @@ GAP = 5
 
 
 def _zip(gap: int = GAP, **params: object) -> kvcache.quant.KVStore:
-    spec = ",".join(f"{k}={v}" for k, v in {"streaming_gap": gap, **params}.items())
+    """An fp32 ZipCache store whose buffer is fp32 too (these tests check bookkeeping, not the buffer dtype)."""
+    spec = ",".join(f"{k}={v}" for k, v in {"streaming_gap": gap, "buffer_dtype": "float32", **params}.items())
     return KVStore(kvcache.create("quant", f"zipcache:{spec}"), D, torch.float32)
 
 
@@ -170,16 +175,55 @@ def test_salient_tokens_get_the_high_bit_width(tokens: int, ratio: float, seed: 
     assert torch.equal(store.bit_widths(), expected)
 
 
-def test_salient_tokens_are_reconstructed_better() -> None:
-    store = _zip(gap=1)
+@pytest.mark.parametrize("low_key_bits", [2, 4])
+def test_salient_tokens_are_reconstructed_better(low_key_bits: int) -> None:
     k, v = _kv(1, 2, 200, d=64, seed=3)
-    store = KVStore(kvcache.create("quant", "zipcache:streaming_gap=1"), 64, torch.float32)
+    spec = f"zipcache:streaming_gap=1,ratio=0.4,low_key_bits={low_key_bits}"
+    store = KVStore(kvcache.create("quant", spec), 64, torch.float32)
     store.append(k, v, torch.rand(1, 2, 200, generator=torch.Generator().manual_seed(1)))
     k2, v2 = store.dequantize()
     high = store.bit_widths() == 4
-    for orig, back in ((k, k2), (v, v2)):
+    for orig, back, low_bits in ((k, k2, low_key_bits), (v, v2, 2)):
         err = (orig - back).pow(2).mean(-1)
-        assert err[high].mean() * 4 < err[~high].mean()
+        if low_bits < 4:  # regular tokens at fewer bits: well over 4x the error
+            assert err[high].mean() * 4 < err[~high].mean()
+        else:  # the same bits: the same error, up to the sets' own ranges
+            assert err[~high].mean() < 2 * err[high].mean()
+
+
+@pytest.mark.parametrize("low_key_bits", [2, 4, 8])
+def test_regular_tokens_keys_at_low_key_bits(low_key_bits: int) -> None:
+    """All tokens regular (ratio=1): keys are channel-wise min-max quantised at low_key_bits over the flush
+    (quantize_groups, KIVI eq. 1), values at low_bits; the packed codes take exactly those widths."""
+    k, v = _kv(1, 2, 40, d=64, seed=5)
+    store = KVStore(kvcache.create("quant", f"zipcache:streaming_gap=1,ratio=1.0,low_key_bits={low_key_bits}"), 64, torch.float32)
+    store.append(k, v, torch.rand(1, 2, 40))
+    low = store.tiers[0]
+    assert low.k_codes.shape[-1] == 64 * low_key_bits // 8 and low.v_codes.shape[-1] == 64 * 2 // 8
+    assert store.tiers[1].rows == 0 and (store.bit_widths() == 2).all()
+    codes, scale, zero = quantize_groups(k.half(), low_key_bits, 2, 40, torch.float16)  # the buffer is fp16 (auto)
+    k2, _ = store.dequantize()
+    assert torch.allclose(k2, dequantize_groups(codes, scale, zero, 2, 40), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("model_dtype", "buffer_dtype", "held"),
+    [
+        (torch.float32, "auto", torch.float16),  # the paper's 16-bit buffer for an fp32 model
+        (torch.bfloat16, "auto", torch.bfloat16),  # a 16-bit model keeps its own dtype
+        (torch.float32, "float32", torch.float32),
+        (torch.float16, "bfloat16", torch.bfloat16),
+    ],
+)
+def test_zipcache_buffer_dtype(model_dtype: torch.dtype, buffer_dtype: str, held: torch.dtype) -> None:
+    k, v = _kv(1, 2, 10, d=64)
+    k, v = k.to(model_dtype), v.to(model_dtype)
+    store = KVStore(kvcache.create("quant", f"zipcache:buffer_dtype={buffer_dtype}"), 64, model_dtype)
+    store.append(k, v)  # under the streaming gap: all buffered
+    assert store.nbytes() == 2 * 2 * 10 * 64 * torch.empty((), dtype=held).element_size() + 2 * 4
+    assert store.fp_k.dtype == model_dtype and torch.equal(store.fp_k, k.to(held).to(model_dtype))
+    assert torch.equal(store.dequantize()[1], v.to(held).to(model_dtype))
+    assert (store.bit_widths() == torch.finfo(held).bits).all()
 
 
 # ------------------------------------------------------------------------------------ bytes held
@@ -202,7 +246,7 @@ def test_measured_bytes_match_the_formula(spec: str, tokens: int, head_dim: int,
     store.append(k, v, torch.rand(batch, heads, tokens))
     assert store.nbytes() == codec.bytes_formula(tokens, head_dim, batch, heads, dtype)
     # and nbytes counts what is really held: every byte of every tensor
-    held = [store.fp_k, store.fp_v, store.fp_count, store._flags] + [t for tier in store.tiers for t in tier.tensors()]
+    held = [store._fp_k, store._fp_v, store.fp_count, store._flags] + [t for tier in store.tiers for t in tier.tensors()]
     assert store.nbytes() == sum(t.numel() * t.element_size() for t in held if t is not None)
 
 
@@ -228,7 +272,8 @@ def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 @settings(max_examples=25, deadline=None)
 @given(
-    spec=st.sampled_from(["none", "kivi:residual=8,group_size=4", "zipcache:streaming_gap=6", "zipcache:streaming_gap=50"]),
+    spec=st.sampled_from(["none", "kivi:residual=8,group_size=4", "zipcache:streaming_gap=6,buffer_dtype=float32",
+                          "zipcache:streaming_gap=50,buffer_dtype=float32"]),
     prompt=st.integers(1, 60),
     steps=st.integers(0, 9),
     keep_frac=st.floats(0.0, 1.0),

@@ -191,7 +191,8 @@ def filled_store(spec: str, prompt: int, steps: int, seed: int, dtype: torch.dty
 SPECS = {
     "kivi2": ("kivi:bits=2,residual=8,group_size=8", {2}),
     "kivi4": ("kivi:bits=4,residual=4,group_size=16", {4}),
-    "zipcache": ("zipcache:streaming_gap=16", {2, 4}),
+    "zipcache": ("zipcache:streaming_gap=16,ratio=0.6", {2, 4}),  # regular tier: 4-bit keys, 2-bit values
+    "zipcache_paper": ("zipcache:streaming_gap=16,ratio=0.4,low_key_bits=2", {2, 4}),
 }
 
 
@@ -206,7 +207,7 @@ def test_packed_decode_matches_attend_packed(torch_path, codec, evict, mask_kind
         kept = torch.stack([torch.randperm(store.num_tokens, generator=gen)[:30] for _ in range(4)]).reshape(2, 2, 30)
         store.keep(kept)
     widths = set(store.bit_widths().unique().tolist())
-    assert tier_bits <= widths and 32 in widths  # quantised tiers and the fp buffer are both read
+    assert tier_bits <= widths and bool((store.fp_count > 0).any())  # quantised tiers and the fp buffer are both read
     t = store.num_tokens
     query = torch.randn(2, 4, q, D, generator=gen)
     mask = None

@@ -42,6 +42,16 @@ class QuantCodec(abc.ABC):
         """Bit width of each storage tier (empty: nothing is ever quantised). At most two tiers; with two,
         tier 0 is the low-bit (regular) one and tier 1 the high-bit (salient) one."""
 
+    @property
+    def tier_key_bits(self) -> tuple[int, ...]:
+        """Bit width of each tier's keys (default: the tier's own, :attr:`tier_bits`)."""
+        return self.tier_bits
+
+    def fp_buffer_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """dtype the store holds its full-precision buffer in, for a model whose K/V come in ``dtype``
+        (default: ``dtype`` itself)."""
+        return dtype
+
     @abc.abstractmethod
     def value_group(self, head_dim: int) -> int:
         """Channels that share one value scale/zero pair."""
@@ -50,7 +60,7 @@ class QuantCodec(abc.ABC):
         """Raise :class:`PolicyConfigError` if this codec cannot store heads of ``head_dim`` channels."""
         if head_dim <= 0:
             raise PolicyConfigError(f"head_dim must be positive, got {head_dim}")
-        for bits in self.tier_bits:
+        for bits in sorted(set(self.tier_bits) | set(self.tier_key_bits)):
             if (head_dim * bits) % 8:
                 raise PolicyConfigError(
                     f"{self.registry_name}: {bits}-bit codes of a {head_dim}-channel head do not fill whole bytes; "

@@ -7,11 +7,13 @@ Slots
     window, ZipCache's streaming buffer). How many are quantised may differ per head after eviction.
 
 Layout (bytes actually held, reported by :meth:`KVStore.nbytes`)
-    * one *tier* per bit width: K and V codes packed into uint8 along the head dimension; value
+    * one *tier* per bit width (of the values; a codec may give a tier's keys another width,
+      ``codec.tier_key_bits``): K and V codes packed into uint8 along the head dimension; value
       scale/zero per token (and channel group); key scale/zero per group of rows, with
       ``group_count[b, h, p]`` rows per group; CSTQuant channel normalisers per group (ZipCache);
     * with two tiers, one bit per quantised slot says which tier holds it (packed 8 per byte);
-    * the full-precision buffer ``[B, H, F, D]`` and its per-head length.
+    * the full-precision buffer ``[B, H, F, D]`` (in ``codec.fp_buffer_dtype(dtype)``; :attr:`KVStore.fp_k`
+      hands it back in ``dtype``) and its per-head length.
     Rows are compacted to the front of each head; heads holding fewer rows than the longest are padded
     (the padding is held, so it is counted).
 
@@ -76,10 +78,11 @@ class Tier:
     ROW_FIELDS = ("k_codes", "v_codes", "v_scale", "v_zero")
     GROUP_FIELDS = ("k_scale", "k_zero", "v_chan", "group_count")
 
-    def __init__(self, bits: int, value_group: int) -> None:
-        self.bits = bits
+    def __init__(self, bits: int, value_group: int, key_bits: int | None = None) -> None:
+        self.bits = bits  # values' bit width (and the keys', unless key_bits says otherwise)
+        self.key_bits = bits if key_bits is None else key_bits
         self.value_group = value_group
-        self.k_codes: torch.Tensor | None = None  # [B, H, N, D * bits / 8] uint8
+        self.k_codes: torch.Tensor | None = None  # [B, H, N, D * key_bits / 8] uint8
         self.v_codes: torch.Tensor | None = None
         self.v_scale: torch.Tensor | None = None  # [B, H, N, D / value_group]
         self.v_zero: torch.Tensor | None = None
@@ -105,7 +108,7 @@ class Tier:
     def append(self, new: TierRows) -> None:
         old_count = self.count(*new.group_count.shape[:2], new.group_count.device)
         new_count = new.group_count.sum(-1, dtype=torch.int32)
-        packed = {"k_codes": pack(new.k_codes, self.bits), "v_codes": pack(new.v_codes, self.bits)}
+        packed = {"k_codes": pack(new.k_codes, self.key_bits), "v_codes": pack(new.v_codes, self.bits)}
         for field in self.ROW_FIELDS:
             value = packed.get(field, getattr(new, field))
             setattr(self, field, append_rows(getattr(self, field), old_count, value, new_count))
@@ -167,7 +170,7 @@ class Tier:
         assert self.k_scale is not None and self.k_zero is not None
         assert self.v_scale is not None and self.v_zero is not None
         k = decode(
-            unpack(self.k_codes[:, :, start:stop], self.bits, torch.float32),
+            unpack(self.k_codes[:, :, start:stop], self.key_bits, torch.float32),
             self._row_params(self.k_scale, pid, uniform, start, stop),
             self._row_params(self.k_zero, pid, uniform, start, stop),
         )
@@ -209,19 +212,33 @@ class KVStore:
         device = torch.device(device)
         self.codec = codec
         self.head_dim = head_dim
-        self.dtype = dtype
+        self.dtype = dtype  # what the store hands back (the model's dtype)
+        self.buffer_dtype = codec.fp_buffer_dtype(dtype)  # what the full-precision buffer is held in
         self.device = device
-        self.tiers = [Tier(bits, codec.value_group(head_dim)) for bits in codec.tier_bits]
+        self.tiers = [
+            Tier(bits, codec.value_group(head_dim), key_bits) for bits, key_bits in zip(codec.tier_bits, codec.tier_key_bits)
+        ]
         self.num_tokens = 0
         self.batch = 0
         self.kv_heads = 0
-        self.fp_k: torch.Tensor | None = None  # [B, H, F, D] in ``dtype``
-        self.fp_v: torch.Tensor | None = None
+        self._fp_k: torch.Tensor | None = None  # [B, H, F, D] in ``buffer_dtype``
+        self._fp_v: torch.Tensor | None = None
         self.fp_count: torch.Tensor | None = None  # [B, H] int32
         self._flags: torch.Tensor | None = None  # [B, H, ceil(Q / 8)] packed: True = high-bit tier
         self._flag_rows = 0
 
     # ----------------------------------------------------------------------------------------- state
+    @property
+    def fp_k(self) -> torch.Tensor | None:
+        """Keys of the full-precision buffer ``[B, H, F, D]`` in the store's ``dtype`` (a cast copy when the
+        codec holds the buffer in another ``buffer_dtype``)."""
+        return None if self._fp_k is None else self._fp_k.to(self.dtype)
+
+    @property
+    def fp_v(self) -> torch.Tensor | None:
+        """Values of the full-precision buffer, as :attr:`fp_k`."""
+        return None if self._fp_v is None else self._fp_v.to(self.dtype)
+
     def _zeros_count(self) -> torch.Tensor:
         return torch.zeros(self.batch, self.kv_heads, dtype=torch.int32, device=self.device)
 
@@ -244,7 +261,7 @@ class KVStore:
 
     def nbytes(self) -> int:
         """Bytes the store holds now: packed codes, scales/zeros, group counts, tier bits, fp buffer."""
-        held = [self.fp_k, self.fp_v, self.fp_count, self._flags]
+        held = [self._fp_k, self._fp_v, self.fp_count, self._flags]
         held += [t for tier in self.tiers for t in tier.tensors()]
         return sum(t.numel() * t.element_size() for t in held if t is not None)
 
@@ -282,11 +299,11 @@ class KVStore:
             raise ValueError(
                 f"saliency must be [B, H_kv, num_tokens + t] = {[b, h, self.num_tokens + t]}, got {list(saliency.shape)}"
             )
-        keys = keys.to(device=self.device, dtype=self.dtype)
-        values = values.to(device=self.device, dtype=self.dtype)
+        keys = keys.to(device=self.device, dtype=self.buffer_dtype)
+        values = values.to(device=self.device, dtype=self.buffer_dtype)
         new_count = torch.full_like(self.fp_count, t)
-        self.fp_k = append_rows(self.fp_k, self.fp_count, keys, new_count)
-        self.fp_v = append_rows(self.fp_v, self.fp_count, values, new_count)
+        self._fp_k = append_rows(self._fp_k, self.fp_count, keys, new_count)
+        self._fp_v = append_rows(self._fp_v, self.fp_count, values, new_count)
         self.fp_count = self.fp_count + t
         self.num_tokens += t
         if flush:
@@ -303,7 +320,7 @@ class KVStore:
             raise ValueError(
                 f"saliency must be [B, H_kv, num_tokens] = {[self.batch, self.kv_heads, self.num_tokens]}, got {list(saliency.shape)}"
             )
-        assert self.fp_k is not None and self.fp_v is not None
+        assert self._fp_k is not None and self._fp_v is not None
         m = self.codec.flush_count(self.fp_count).to(torch.int32)
         m_max = int(m.max())
         if m_max == 0:
@@ -318,17 +335,17 @@ class KVStore:
             slots = self.quantized_count()[..., None].long() + torch.arange(m_max, device=self.device)
             fp_sal = saliency.to(self.device).float().gather(2, slots.clamp(max=saliency.shape[-1] - 1))
         valid = rows_below(m, m_max)
-        tier_rows, high = self.codec.encode(self.fp_k[:, :, :m_max], self.fp_v[:, :, :m_max], valid, fp_sal)
+        tier_rows, high = self.codec.encode(self._fp_k[:, :, :m_max], self._fp_v[:, :, :m_max], valid, fp_sal)
         if len(self.tiers) > 1:
             assert high is not None
             self._set_flags(append_rows(self._get_flags(), self.quantized_count(), high, m))
         for tier, rows in zip(self.tiers, tier_rows):
             if rows is not None:
                 tier.append(rows)
-        fp_rows = torch.arange(self.fp_k.shape[2], device=self.device)
+        fp_rows = torch.arange(self._fp_k.shape[2], device=self.device)
         remaining = (fp_rows >= m[..., None]) & (fp_rows < self.fp_count[..., None])
         order, self.fp_count = compaction(remaining)
-        self.fp_k, self.fp_v = gather_rows(self.fp_k, order), gather_rows(self.fp_v, order)
+        self._fp_k, self._fp_v = gather_rows(self._fp_k, order), gather_rows(self._fp_v, order)
 
     # ------------------------------------------------------------------------------------ slot maps
     def _tier_maps(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]]:
@@ -357,8 +374,8 @@ class KVStore:
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """For each tier and then the fp buffer: the slot of every row ``[B, H, N]`` and whether the row is real."""
         regions = [(slots, real) for slots, real, _, _ in (self._tier_maps() if maps is None else maps)]
-        assert self.fp_count is not None and self.fp_k is not None
-        fp_n = self.fp_k.shape[2]
+        assert self.fp_count is not None and self._fp_k is not None
+        fp_n = self._fp_k.shape[2]
         q_count = self.num_tokens - self.fp_count
         regions.append((q_count[..., None].long() + torch.arange(fp_n, device=self.device), rows_below(self.fp_count, fp_n)))
         return regions
@@ -393,8 +410,8 @@ class KVStore:
                 tier.compact(slot_keep.gather(2, slots) & real)
         slots, real = regions[-1]
         order, self.fp_count = compaction(slot_keep.gather(2, slots.clamp(max=self.num_tokens)) & real)
-        assert self.fp_k is not None and self.fp_v is not None
-        self.fp_k, self.fp_v = gather_rows(self.fp_k, order), gather_rows(self.fp_v, order)
+        assert self._fp_k is not None and self._fp_v is not None
+        self._fp_k, self._fp_v = gather_rows(self._fp_k, order), gather_rows(self._fp_v, order)
         self.num_tokens = c
 
     def remove(self, slots: torch.Tensor) -> None:
@@ -418,7 +435,7 @@ class KVStore:
             raise ValueError(f"block_size must be positive, got {block_size}")
         if self.fp_count is None:
             return
-        assert self.fp_k is not None and self.fp_v is not None
+        assert self._fp_k is not None and self._fp_v is not None
         maps = self._tier_maps()
         regions = self._regions(maps)
         for index, (slots, real) in enumerate(regions):
@@ -427,7 +444,7 @@ class KVStore:
             for start in range(0, n, block_size):
                 stop = min(start + block_size, n)
                 if tier is None:
-                    k, v = self.fp_k[:, :, start:stop].float(), self.fp_v[:, :, start:stop].float()
+                    k, v = self._fp_k[:, :, start:stop].float(), self._fp_v[:, :, start:stop].float()
                 else:
                     _, _, pid, uniform = maps[index]
                     assert pid is not None
@@ -466,25 +483,26 @@ class KVStore:
     def packed_layout(self) -> PackedLayout:
         """The tiers' codes and parameters and the fp buffer as held, each row with its slot
         (``num_tokens`` on padding rows): what a kernel reading the codes directly needs."""
-        if self.fp_count is None or self.fp_k is None or self.fp_v is None:
+        if self.fp_count is None or self._fp_k is None or self._fp_v is None:
             raise ValueError("packed_layout() on an empty store")
         maps = self._tier_maps()
         fp_slots, fp_real = self._regions(maps)[-1]
         t = self.num_tokens
         tiers = tuple(
             PackedTier(tier.bits, tier.value_group, tier.k_codes, tier.v_codes, tier.k_scale, tier.k_zero,
-                       tier.v_scale, tier.v_zero, tier.v_chan, pid, slots.clamp(max=t).masked_fill(~real, t))
+                       tier.v_scale, tier.v_zero, tier.v_chan, pid, slots.clamp(max=t).masked_fill(~real, t), tier.key_bits)
             for tier, (slots, real, pid, _) in zip(self.tiers, maps)
             if tier.rows
         )
-        return PackedLayout(tiers, self.fp_k, self.fp_v, fp_slots.masked_fill(~fp_real, t))  # type: ignore[arg-type]
+        return PackedLayout(tiers, self._fp_k, self._fp_v, fp_slots.masked_fill(~fp_real, t))  # type: ignore[arg-type]
 
     def bit_widths(self) -> torch.Tensor:
-        """Bits each slot is stored at ``[B, H_kv, num_tokens]`` (full-precision slots: the dtype's width)."""
+        """Bits each slot's value is stored at ``[B, H_kv, num_tokens]`` (its tier's ``bits``; full-precision
+        slots: the buffer dtype's width)."""
         out = torch.zeros(self.batch, self.kv_heads, self.num_tokens + 1, dtype=torch.int64, device=self.device)
         if self.fp_count is None:
             return out[..., :-1]
-        widths = [tier.bits for tier in self.tiers] + [torch.finfo(self.dtype).bits]
+        widths = [tier.bits for tier in self.tiers] + [torch.finfo(self.buffer_dtype).bits]
         for bits, (slots, real) in zip(widths, self._regions()):
             out.scatter_(2, slots.clamp(max=self.num_tokens).masked_fill(~real, self.num_tokens), bits)
         return out[..., :-1]
