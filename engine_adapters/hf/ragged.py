@@ -95,6 +95,15 @@ class RaggedPolicyLayer(PolicyLayer):
         """Free this pass's padded keys and values (after the layer's attention and eviction)."""
         self._view = None
 
+    def visible(self, q: int) -> torch.Tensor:
+        """As :meth:`PolicyLayer.visible`; a decode query (the last slot, just appended) sees every real slot,
+        all of them older, and itself: the validity itself, two ops instead of the position comparisons."""
+        if q > 1:
+            return super().visible(q)
+        seen = self.valid[:, :, None, :].clone()
+        seen[..., -1] = True
+        return seen
+
     @property
     def all_valid(self) -> bool:
         return all(n == self.length for heads in self.head_real for n in heads)
