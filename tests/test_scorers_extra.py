@@ -96,7 +96,7 @@ def test_expected_attention_is_the_expectation_of_attention_under_gaussian_queri
     samples = torch.randn(4000, d, generator=gen) @ (torch.randn(d, d, generator=gen) * 0.5) + torch.randn(d, generator=gen)
     keys = torch.randn(t, d, generator=gen)
     obs = single_head(samples.tolist(), keys.tolist(), scaling=d**-0.5)
-    scores = kvcache.create("evict", "expected-attention", sinks=0, use_vnorm=False).score(obs, None)[0, 0]
+    scores = kvcache.create("evict", "expected-attention", query_window=None, sinks=0, use_vnorm=False).score(obs, None)[0, 0]
     mu, sigma = samples.mean(0), torch.cov(samples.T, correction=0)
     draws = torch.distributions.MultivariateNormal(mu, sigma).sample((400_000,))
     monte_carlo = torch.exp(draws @ keys.T * d**-0.5).mean(0)
@@ -164,7 +164,7 @@ def test_registered_with_papers_defaults():
     assert set(NEW_POLICIES) <= set(kvcache.names("evict"))
     tova, knorm, ea = (kvcache.create("evict", name) for name in NEW_POLICIES)
     assert (tova.window, tova.sinks, knorm.window, knorm.sinks) == (1, 0, 0, 0)
-    assert (ea.sinks, ea.window, ea.use_covariance, ea.use_vnorm, ea.epsilon) == (4, 0, True, True, 0.0)
+    assert (ea.query_window, ea.sinks, ea.window, ea.use_covariance, ea.use_vnorm, ea.epsilon) == (32, 4, 0, True, True, 0.0)
 
 
 @pytest.mark.parametrize(
