@@ -36,8 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("results/limit_bench"))
 
 
-def decode_seconds_per_token(model: Any, ids: Any, new_tokens: int) -> tuple[float, float]:
-    """(seconds per decode step after the first, prefill seconds) of one greedy generate call."""
+def decode_seconds_per_step(model: Any, ids: Any, new_tokens: int) -> tuple[float, float]:
+    """(seconds per decode step after the first, prefill seconds) of one greedy generate call (a step
+    decodes one token of every sequence of the batch)."""
     import torch
 
     from kvcache.engine_adapters.hf.generate_cli import StepClock
@@ -48,8 +49,8 @@ def decode_seconds_per_token(model: Any, ids: Any, new_tokens: int) -> tuple[flo
             input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
             do_sample=False, logits_processor=[clock], pad_token_id=0,
         )
-    prefill, tokens_per_s = clock.timings()
-    return ids.shape[0] / tokens_per_s, prefill
+    prefill, steps_per_s = clock.timings()
+    return 1.0 / steps_per_s, prefill
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     runs: list[tuple[str, Any]] = [("full", short_ids)] + [(p, long_ids) for p in policies]
     rows: dict[str, dict[str, Any]] = {}
-    decode_seconds_per_token(model, short_ids[:, :64], 2)  # warm-up
+    decode_seconds_per_step(model, short_ids[:, :64], 2)  # warm-up
     meta = {
         "question": f"decode step time: policy on {args.prompt_length}-token prompts kept to {kept} tokens vs the "
         f"full cache on {kept}-token prompts",
@@ -82,10 +83,10 @@ def run(args: argparse.Namespace) -> int:
     for _ in tqdm(range(args.repeats), desc="repeats"):
         for name, ids in tqdm(runs, desc="caches", leave=False):
             if name == "full":
-                step, prefill = decode_seconds_per_token(model, ids, args.new_tokens)
+                step, prefill = decode_seconds_per_step(model, ids, args.new_tokens)
             else:
                 with kv_policy(model, name, budget=args.budget) as session:
-                    step, prefill = decode_seconds_per_token(model, ids, args.new_tokens)
+                    step, prefill = decode_seconds_per_step(model, ids, args.new_tokens)
                     kept_per_layer = session.stats()["kept_tokens_per_layer"]
             row = rows.setdefault(name, {"prompt_tokens": ids.shape[1], "decode_s_per_step_runs": [], "prefill_s_runs": []})
             row["decode_s_per_step_runs"].append(step)
