@@ -1,13 +1,25 @@
-"""Concurrency benchmark of the vLLM plugin: a deliberately small KV pool, many long requests.
+"""Serving benchmark of the vLLM plugin: stock vLLM and each eviction policy, same engine, same KV pool.
 
-For stock vLLM and each eviction policy, on the same engine and the same pool (one engine, settings
-swapped between runs with ``kvcache.engine_adapters.vllm.inprocess.reconfigure``; "stock" is the plugin inert,
-whose scheduler calls vLLM's own code unchanged — the engine tests check it reproduces stock vLLM token
-for token), it submits N requests at once and steps the engine, recording after every step the number
-of running requests and the KV blocks in use. Reports max and mean concurrent running requests, peak
-KV blocks, wall time, decode and total throughput, as JSON plus a PNG.
+In the shape of vLLM's own serving benchmark (``vllm bench serve``): N requests arrive all at once or at
+a Poisson rate, the engine serves them with continuous batching, and per configuration it reports
+output and total tokens/s, TTFT and TPOT (p50/p99), the running requests, preemptions, and how long the
+eviction itself took (compaction seconds and their share of the wall time). The requests are the
+kvlong suite's (``eval/tasks/data/<task>_1k.jsonl`` / ``_2k.jsonl``: a long document with a real question
+and its answers), chat-templated with the sample's answer prefix, so the accuracy of the answers is
+measured too (lm-eval's protocol: the task's first ``max_gen_toks`` greedy tokens, cut at a blank line,
+scored by ``kvcache.eval.tasks.utils.score``) and a faster wrong answer shows. With ``--hf-reference``
+the same prompts also go through the Hugging Face adapter with the same policy and budget.
 
-    python -m kvcache.eval.vllm_bench --out results/vllm          # needs kvcache[vllm]
+One engine serves every configuration (``VLLM_ENABLE_V1_MULTIPROCESSING=0``; settings swapped between
+runs by ``kvcache.engine_adapters.vllm.inprocess.reconfigure``; "stock" is the plugin inert, whose
+scheduler runs vLLM's own code: the engine tests check it gives stock vLLM's tokens), so the pool, the
+weights and the warm-up are the same. Configurations are interleaved within each repeat; medians and the
+[min, max] spread over ``--repeats`` are reported. The load average before and after and the share of the
+CPU other processes used during each run are recorded; the command warns when that share exceeds 15%
+(the machine was busy): numbers taken under load are not evidence.
+
+    kvcache vllm-bench --policies snapkv,streaming,h2o,keyformer --budget 0.25 --output results/vllm/bench.json
+    python -m kvcache.eval.vllm_bench ...      # the same
 """
 
 from __future__ import annotations
@@ -16,25 +28,195 @@ import argparse
 import json
 import os
 import platform
+import statistics
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-DEFAULT_POLICIES = ("snapkv", "keyformer", "h2o", "streaming")
+from kvcache.registry import UsageError
+
+DEFAULT_POLICIES = ("snapkv", "streaming", "h2o", "keyformer")
+TASKS = ("passkey", "multikey", "qa", "vartrack")
+SUITES = {1024: "1k", 2048: "2k"}  # --prompt-tokens -> the kvlong data files
+BUSY_SHARE = 0.15  # share of the machine's CPU time used by other processes above which it counts as busy
+BLOCK_SIZE = 128  # vLLM's CPU default
 
 
-def long_prompt(tokenizer: Any, n_tokens: int, seed: int) -> list[int]:
-    """A deterministic long document of about ``n_tokens`` tokens with a question at the end."""
-    facts, i = [], 0
-    while True:
-        facts.append(f"Record {seed}-{i}: the value of key {i * 31 % 977} is {(i * 7919 + seed) % 9973}.")
-        i += 1
-        ids = tokenizer(" ".join(facts) + " Question: what is the value of key 31? Answer:")["input_ids"]
-        if len(ids) >= n_tokens:
-            return ids[-n_tokens:]
+@dataclass
+class BenchRequest:
+    task: str
+    index: int
+    prompt: list[int]
+    answers: list[str]
+    answer_tokens: int  # the task's max_gen_toks: the tokens its answer is scored on
 
 
-def run_config(llm: Any, prompts: list[list[int]], max_tokens: int, settings: dict[str, Any] | None) -> dict[str, Any]:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m", help="embedded model name or local HF folder")
+    parser.add_argument("--policies", default=",".join(DEFAULT_POLICIES), help="comma-separated eviction policies")
+    parser.add_argument("--budget", default="0.25", help="kept tokens: a fraction of the prompt (0.25) or a count (512)")
+    parser.add_argument("--requests", type=int, default=12, help="requests per run")
+    parser.add_argument("--prompt-tokens", type=int, default=1024, choices=sorted(SUITES),
+                        help="kvlong suite length: 1024 (*_1k.jsonl) or 2048 (*_2k.jsonl)")
+    parser.add_argument("--max-tokens", type=int, default=256, help="output tokens per request, decode-heavy setting")
+    parser.add_argument("--prefill-max-tokens", type=int, default=16,
+                        help="output tokens per request, prefill-heavy setting (0: skip that setting)")
+    parser.add_argument("--arrivals", default="all,poisson", help="request arrival: all (at once), poisson, or both")
+    parser.add_argument("--request-rate", type=float, default=0.5, help="Poisson arrival rate, requests per second")
+    parser.add_argument("--pool-tokens", type=int, default=None,
+                        help="KV pool size in tokens (default: 3 full requests, prompt + max tokens)")
+    parser.add_argument("--batched-tokens", type=int, default=2048,
+                        help="max tokens per engine step (prefill chunk; 2048 is vllm serve's CPU default)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per configuration (median and spread)")
+    parser.add_argument("--dtype", default="float32", help="model dtype in vLLM (float32, bfloat16)")
+    parser.add_argument("--hf-reference", action=argparse.BooleanOptionalAction, default=True,
+                        help="also score the prompts through the Hugging Face adapter (same policy and budget)")
+    parser.add_argument("--seed", type=int, default=0, help="Poisson arrivals and vLLM seed")
+    parser.add_argument("--output", default="results/vllm/bench.json", help="JSON report; the PNG goes beside it")
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def check_args(args: argparse.Namespace) -> tuple[list[tuple[str, dict[str, Any] | None]], list[tuple[str, int, str]]]:
+    """Configurations and scenarios from the arguments; user mistakes raise :class:`UsageError`."""
+    from kvcache.budget.base import parse_budget
+    from kvcache.engine_adapters.vllm import config as kvconfig
+
+    budget = parse_budget(args.budget)
+    for name, value, low in (("--requests", args.requests, 1), ("--max-tokens", args.max_tokens, 1),
+                             ("--repeats", args.repeats, 1), ("--batched-tokens", args.batched_tokens, 16),
+                             ("--prefill-max-tokens", args.prefill_max_tokens, 0)):
+        if value < low:
+            raise UsageError(f"{name} must be >= {low}, got {value}")
+    if args.requests > 16 * len(TASKS):
+        raise UsageError(f"--requests: the kvlong suite has {16 * len(TASKS)} prompts per length; ask for at most that many")
+    arrivals = [a.strip() for a in args.arrivals.split(",") if a.strip()]
+    if not arrivals or any(a not in ("all", "poisson") for a in arrivals):
+        raise UsageError(f"--arrivals {args.arrivals!r}: use all, poisson or all,poisson")
+    if "poisson" in arrivals and not args.request_rate > 0:
+        raise UsageError(f"--request-rate must be > 0 requests/s for Poisson arrivals, got {args.request_rate}")
+    configs: list[tuple[str, dict[str, Any] | None]] = [("stock", None)]
+    for policy in [p.strip() for p in args.policies.split(",") if p.strip()]:
+        settings = {"kv_policy": policy, "kv_budget": budget}
+        try:
+            kvconfig.parse(settings)
+        except kvconfig.KVPluginError as err:
+            raise UsageError(f"--policies {policy}: {err}") from None
+        configs.append((policy, settings))
+    scenarios = [("decode-heavy", args.max_tokens, a) for a in arrivals]
+    if args.prefill_max_tokens:
+        scenarios += [("prefill-heavy", args.prefill_max_tokens, "all")]
+    return configs, scenarios
+
+
+def load_requests(tokenizer: Any, count: int, prompt_tokens: int) -> list[BenchRequest]:
+    """``count`` kvlong prompts, tasks in turn (passkey, multikey, qa, vartrack, passkey, ...)."""
+    from kvcache.eval.tasks.generate import MAX_GEN_TOKS
+    from kvcache.eval.tasks.utils import DATA_DIR
+
+    rows = {}
+    for task in TASKS:
+        path = DATA_DIR / f"{task}_{SUITES[prompt_tokens]}.jsonl"
+        if not path.exists():
+            raise UsageError(f"{path} is missing; run `python -m kvcache.eval.tasks.generate` to create the kvlong suite")
+        rows[task] = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    requests = []
+    for i in range(count):
+        task = TASKS[i % len(TASKS)]
+        row = rows[task][i // len(TASKS)]
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": row["input"]}], add_generation_prompt=True, tokenize=False
+        ) + row["gen_prefix"]
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        requests.append(BenchRequest(task, int(row["index"]), ids, list(row["outputs"]), MAX_GEN_TOKS[task]))
+    return requests
+
+
+def arrival_times(count: int, mode: str, rate: float, seed: int) -> list[float]:
+    """Seconds after the start at which each request arrives: 0 for all, else a Poisson process."""
+    if mode == "all":
+        return [0.0] * count
+    import random
+
+    rng = random.Random(seed)
+    times, now = [], 0.0
+    for _ in range(count):
+        times.append(now)
+        now += rng.expovariate(rate)
+    return times
+
+
+def answer_score(tokenizer: Any, request: BenchRequest, tokens: list[int]) -> float:
+    """lm-eval's protocol on the first ``answer_tokens`` tokens: cut at a blank line, answers found."""
+    from kvcache.eval.tasks.utils import score
+
+    text = tokenizer.decode(tokens[: request.answer_tokens], skip_special_tokens=True).split("\n\n")[0]
+    return score(text, request.answers)
+
+
+def machine_load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+class OtherCpu:
+    """Share of the machine's CPU time that other processes used since construction: busy time from
+    ``/proc/stat`` minus this process's own (``getrusage``), over wall time x cores. Unlike the load
+    average it does not count this benchmark's own threads, so it tells whether the numbers were
+    taken on a busy machine."""
+
+    def __init__(self) -> None:
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float]:
+        import resource
+
+        try:
+            with open("/proc/stat", encoding="ascii") as handle:
+                values = [int(v) for v in handle.readline().split()[1:9]]
+            busy_s = (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
+        except OSError:  # not Linux: unknown, counted as idle
+            busy_s = float("nan")
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        return busy_s, own.ru_utime + own.ru_stime, time.perf_counter()
+
+    def share(self) -> float:
+        busy_s, own_s, now = self._sample()
+        wall = max(now - self.start[2], 1e-9) * (os.cpu_count() or 1)
+        share = ((busy_s - self.start[0]) - (own_s - self.start[1])) / wall
+        return 0.0 if share != share else round(max(0.0, share), 3)  # NaN (no /proc/stat): unknown
+
+
+def other_cpu_before(seconds: float = 2.0) -> float:
+    """Other processes' share of the CPU over the next ``seconds`` (this process sleeps)."""
+    meter = OtherCpu()
+    time.sleep(seconds)
+    return meter.share()
+
+
+# --------------------------------------------------------------------------------------------------
+# One run
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def run_once(
+    llm: Any, tokenizer: Any, requests: list[BenchRequest], arrivals: list[float], max_tokens: int,
+    settings: dict[str, Any] | None, tag: str,
+) -> dict[str, Any]:
+    """Serve ``requests`` (arriving at ``arrivals`` seconds) under ``settings``; per-run metrics."""
     from vllm import SamplingParams
 
     from kvcache.engine_adapters.vllm import inprocess
@@ -42,129 +224,319 @@ def run_config(llm: Any, prompts: list[list[int]], max_tokens: int, settings: di
     inprocess.reconfigure(llm, settings)
     sched = inprocess.scheduler(llm)
     engine = llm.llm_engine
+    runner = inprocess.model_runner(llm)
     total_blocks = sched.kv_cache_manager.block_pool.num_gpu_blocks - 1
     initial_free = inprocess.free_blocks(llm)
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    before = dict(sched.kv_stats) if hasattr(sched, "kv_stats") else {}
+    before = dict(sched.kv_stats)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
+    ids = [f"{tag}-{i}" for i in range(len(requests))]
+    first: dict[str, float] = {}
+    finish: dict[str, float] = {}
+    tokens: dict[str, list[int]] = {}
+    running: list[int] = []
+    used: list[int] = []
+    pending = 0
+    others = OtherCpu()
     start = time.perf_counter()
-    for i, prompt in enumerate(prompts):
-        engine.add_request(f"bench-{i}", {"prompt_token_ids": prompt}, params)
-    running, used, generated, steps = [], [], 0, 0
-    while engine.has_unfinished_requests():
+    while True:
+        now = time.perf_counter() - start
+        while pending < len(requests) and arrivals[pending] <= now:
+            engine.add_request(ids[pending], {"prompt_token_ids": requests[pending].prompt}, params)
+            pending += 1
+        if not engine.has_unfinished_requests():
+            if pending == len(requests):
+                break
+            time.sleep(max(0.0, arrivals[pending] - now))
+            continue
         outputs = engine.step()
-        steps += 1
+        now = time.perf_counter() - start
+        for out in outputs:
+            produced = out.outputs[0].token_ids
+            if produced and out.request_id not in first:
+                first[out.request_id] = now
+            if out.finished:
+                finish[out.request_id] = now
+                tokens[out.request_id] = list(produced)
         running.append(len(sched.running))
         used.append(total_blocks - inprocess.free_blocks(llm))
-        generated += sum(len(o.outputs[0].token_ids) for o in outputs if o.finished)
     wall = time.perf_counter() - start
-    after = dict(sched.kv_stats) if hasattr(sched, "kv_stats") else {}
-    worker = getattr(inprocess.model_runner(llm), "_kvcache_state", None)
+    other_share = others.share()
+    after = dict(sched.kv_stats)
+    worker = getattr(runner, "_kvcache_state", None)
     worker_stats = dict(worker.stats) if worker is not None else {}
-    prompt_tokens = sum(len(p) for p in prompts)
+    generated = sum(len(t) for t in tokens.values())
+    prompt_tokens = sum(len(r.prompt) for r in requests)
+    ttft = [first[i] - arrivals[k] for k, i in enumerate(ids)]
+    tpot = [(finish[i] - first[i]) / (len(tokens[i]) - 1) for i in ids if len(tokens[i]) > 1]
+    compaction = worker_stats.get("compact_s", 0.0) + worker_stats.get("capture_s", 0.0)
+    scores = [answer_score(tokenizer, r, tokens[i]) for r, i in zip(requests, ids)]
     return {
-        "settings": settings or {"kv_policy": None},
-        "requests": len(prompts),
+        "wall_s": wall,
+        "output_tokens": generated,
+        "tokens_per_s": generated / wall,
+        "total_tokens_per_s": (generated + prompt_tokens) / wall,
+        "request_throughput": len(requests) / wall,
         "max_running": max(running),
         "mean_running": sum(running) / len(running),
         "peak_kv_blocks": max(used),
         "pool_blocks": total_blocks,
-        "steps": steps,
-        "wall_s": wall,
-        "generated_tokens": generated,
-        "decode_tokens_per_s": generated / wall,
-        "total_tokens_per_s": (generated + prompt_tokens) / wall,
-        "preemptions": after.get("preemptions", 0) - before.get("preemptions", 0),
-        "blocks_freed_by_eviction": after.get("blocks_freed", 0) - before.get("blocks_freed", 0),
+        "steps": len(running),
+        "ttft_p50_s": percentile(ttft, 0.5), "ttft_p99_s": percentile(ttft, 0.99), "ttft_mean_s": statistics.fmean(ttft),
+        "tpot_p50_s": percentile(tpot, 0.5), "tpot_p99_s": percentile(tpot, 0.99),
+        "tpot_mean_s": statistics.fmean(tpot) if tpot else float("nan"),
+        "preemptions": after["preemptions"] - before["preemptions"],
+        "blocks_freed": after["blocks_freed"] - before["blocks_freed"],
+        "tokens_evicted": after["tokens_evicted"] - before["tokens_evicted"],
+        "compactions": worker_stats.get("compactions", 0),
+        "compaction_s": compaction,
+        "compaction_share": compaction / wall,
+        "query_capture_s": worker_stats.get("capture_s", 0.0),
+        "tokens_moved": worker_stats.get("tokens_moved", 0),
+        "other_cpu_share": other_share,
         "leaked_blocks": initial_free - inprocess.free_blocks(llm),
-        "eviction_capture_s": worker_stats.get("capture_s", 0.0),  # copying queries out of the backend
-        "eviction_compact_s": worker_stats.get("compact_s", 0.0),  # scoring + gathering the kept tokens
+        "accuracy": statistics.fmean(scores),
+        "scores": scores,
         "running_trace": running,
     }
 
 
-def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
+SUMMARISED = (
+    "wall_s", "tokens_per_s", "total_tokens_per_s", "request_throughput", "max_running", "mean_running",
+    "peak_kv_blocks", "steps", "ttft_p50_s", "ttft_p99_s", "ttft_mean_s", "tpot_p50_s", "tpot_p99_s", "tpot_mean_s",
+    "preemptions", "blocks_freed", "tokens_evicted", "compactions", "compaction_s", "compaction_share",
+    "query_capture_s", "tokens_moved", "accuracy", "leaked_blocks", "other_cpu_share",
+)
+
+
+def summarise(name: str, settings: dict[str, Any] | None, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median of every metric over the repeats, ``<metric>_spread`` = [min, max]."""
+    row: dict[str, Any] = {"name": name, "settings": settings or {"kv_policy": None}, "repeats": len(runs)}
+    for key in SUMMARISED:
+        values = [r[key] for r in runs]
+        row[key] = statistics.median(values)
+        row[f"{key}_spread"] = [min(values), max(values)]
+    median_run = sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]
+    row["running_trace"] = median_run["running_trace"]
+    row["runs"] = [{k: v for k, v in r.items() if k not in ("running_trace",)} for r in runs]
+    return row
+
+
+# --------------------------------------------------------------------------------------------------
+# The Hugging Face reference
+
+
+def hf_accuracy(model_path: str, dtype: str, tokenizer: Any, requests: list[BenchRequest],
+                configs: list[tuple[str, dict[str, Any] | None]]) -> dict[str, float]:
+    """Accuracy of the same prompts through the HF adapter (stock: the full cache), greedy."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kvcache.engine_adapters.hf.adapter import kv_policy
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+    model.eval()
+    result = {}
+    for name, settings in configs:
+        scores = []
+        for request in requests:
+            ids = torch.tensor([request.prompt])
+            kwargs = dict(max_new_tokens=request.answer_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+            with torch.no_grad():
+                if settings is None:
+                    out = model.generate(ids, **kwargs)
+                else:
+                    with kv_policy(model, settings["kv_policy"], budget=settings["kv_budget"]):
+                        out = model.generate(ids, **kwargs)
+            scores.append(answer_score(tokenizer, request, out[0, ids.shape[1]:].tolist()))
+        result[name] = statistics.fmean(scores)
+        print(f"  HF adapter {name:10s} accuracy {result[name]:.3f}", flush=True)
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [r["name"] for r in results]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    axes[0].bar(names, [r["max_running"] for r in results], color="tab:blue")
-    axes[0].set_title("max concurrent running requests")
-    axes[1].bar(names, [r["total_tokens_per_s"] for r in results], color="tab:green")
-    axes[1].set_title("throughput (prompt + generated tokens / s)")
-    for r in results:
-        axes[2].plot(r["running_trace"], label=r["name"])
-    axes[2].set_title("running requests per engine step")
-    axes[2].set_xlabel("step")
-    axes[2].legend()
-    for ax in axes[:2]:
+    scenarios = report["scenarios"]
+    fig, axes = plt.subplots(1, len(scenarios) + 1, figsize=(5 * (len(scenarios) + 1), 4.2))
+    for ax, scenario in zip(axes, scenarios):
+        rows = scenario["configs"]
+        names = [r["name"] for r in rows]
+        medians = [r["tokens_per_s"] for r in rows]
+        low = [m - r["tokens_per_s_spread"][0] for m, r in zip(medians, rows)]
+        high = [r["tokens_per_s_spread"][1] - m for m, r in zip(medians, rows)]
+        colors = ["tab:gray"] + ["tab:green"] * (len(rows) - 1)
+        ax.bar(names, medians, yerr=[low, high], color=colors, capsize=3)
+        for i, r in enumerate(rows):
+            ax.text(i, medians[i], f"{r['throughput_vs_stock']:.2f}x\nacc {r['accuracy']:.2f}", ha="center", va="bottom", fontsize=7)
+        ax.set_title(f"{scenario['setting']}, {scenario['arrival']} ({scenario['max_tokens']} out)", fontsize=9)
+        ax.set_ylabel("output tokens/s (median, min-max)")
         ax.tick_params(axis="x", rotation=30)
-    fig.suptitle(title)
+    first = scenarios[0]["configs"]
+    for r in first:
+        axes[-1].plot(r["running_trace"], label=r["name"])
+    axes[-1].set_title(f"running requests per step ({scenarios[0]['setting']}, {scenarios[0]['arrival']})", fontsize=9)
+    axes[-1].set_xlabel("engine step")
+    axes[-1].legend(fontsize=7)
+    meta = report["meta"]
+    fig.suptitle(
+        f"vLLM plugin, {meta['model']} {meta['dtype']}, {meta['requests']} kvlong {meta['suite']} requests, pool "
+        f"{meta['pool_tokens']} tokens (~{meta['full_requests_in_pool']:.1f} full requests), budget {meta['budget']}, "
+        f"load {meta['load_before'][0]}->{meta['load_after'][0]}", fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m", help="embedded model name or local HF folder")
-    parser.add_argument("--policies", default=",".join(DEFAULT_POLICIES))
-    parser.add_argument("--budget", default="0.25")
-    parser.add_argument("--requests", type=int, default=12)
-    parser.add_argument("--prompt-tokens", type=int, default=384)
-    parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--pool-blocks", type=int, default=13, help="KV pool size in blocks of 128 tokens (one is vLLM's null block)")
-    parser.add_argument("--batched-tokens", type=int, default=256, help="max tokens per step (prefill chunk)")
-    parser.add_argument("--out", default="results/vllm")
-    args = parser.parse_args(argv)
+def print_table(scenario: dict[str, Any]) -> None:
+    print(f"\n{scenario['setting']}, arrival {scenario['arrival']}, {scenario['max_tokens']} output tokens")
+    print(f"{'config':10s} {'out tok/s':>9s} {'vs stock':>8s} {'total':>7s} {'run max/mean':>12s} {'TTFT p50/p99 s':>15s} "
+          f"{'TPOT p50/p99 ms':>16s} {'preempt':>7s} {'freed':>5s} {'compact s':>9s} {'share':>6s} {'acc':>5s} {'acc HF':>6s}")
+    for r in scenario["configs"]:
+        hf = r.get("accuracy_hf")
+        print(
+            f"{r['name']:10s} {r['tokens_per_s']:9.1f} {r['throughput_vs_stock']:7.2f}x {r['total_tokens_per_s']:7.1f} "
+            f"{r['max_running']:5.0f}/{r['mean_running']:5.2f} {r['ttft_p50_s']:7.2f}/{r['ttft_p99_s']:6.2f} "
+            f"{1000 * r['tpot_p50_s']:7.1f}/{1000 * r['tpot_p99_s']:7.1f} {r['preemptions']:7.0f} {r['blocks_freed']:5.0f} "
+            f"{r['compaction_s']:9.2f} {100 * r['compaction_share']:5.1f}% {r['accuracy']:5.2f} "
+            f"{'' if hf is None else f'{hf:6.2f}'}"
+        )
 
+
+def run(args: argparse.Namespace) -> int:
+    configs, scenarios = check_args(args)
+    output = Path(args.output)
+    if output.suffix != ".json":
+        raise UsageError(f"--output {args.output}: name a .json file (the PNG is written beside it)")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    try:
+        import vllm
+        from vllm import LLM
+    except ImportError:
+        raise UsageError(
+            "kvcache vllm-bench needs vLLM: in a checkout run `make setup-vllm` and use .venv-vllm/bin/kvcache"
+        ) from None
+    import torch
     from transformers import AutoTokenizer
-    from vllm import LLM
 
     from kvcache.engine_adapters.hf.models import resolve_model
 
+    warnings: list[str] = []
+    load_before = machine_load()
+    others_before = other_cpu_before()
+    if others_before > BUSY_SHARE:
+        warnings.append(
+            f"machine busy before the run: other processes used {100 * others_before:.0f}% of the CPU "
+            f"(load average {load_before} on {os.cpu_count()} cores)"
+        )
+        print(f"WARNING: {warnings[-1]}; figures taken under load are not evidence", file=sys.stderr, flush=True)
     model = str(resolve_model(args.model))
     tokenizer = AutoTokenizer.from_pretrained(model)
-    prompts = [long_prompt(tokenizer, args.prompt_tokens, seed) for seed in range(args.requests)]
-    policies = [p for p in args.policies.split(",") if p]
+    requests = load_requests(tokenizer, args.requests, args.prompt_tokens)
+    longest = max(len(r.prompt) for r in requests) + max(args.max_tokens, args.prefill_max_tokens)
+    pool_tokens = args.pool_tokens or 3 * longest
+    pool_blocks = -(-pool_tokens // BLOCK_SIZE)
+    max_len = min(pool_blocks * BLOCK_SIZE, -(-longest // BLOCK_SIZE) * BLOCK_SIZE)
+    if pool_blocks * BLOCK_SIZE < longest:
+        raise UsageError(f"--pool-tokens {pool_tokens}: stock vLLM needs the pool to hold one request ({longest} tokens)")
     llm = LLM(
-        model, enforce_eager=True, dtype="float32", seed=0, max_model_len=min(2048, (args.pool_blocks - 1) * 128), gpu_memory_utilization=0.5,
-        num_gpu_blocks_override=args.pool_blocks, max_num_seqs=max(args.requests, 8),
-        max_num_batched_tokens=args.batched_tokens, additional_config={"kv_policy": "full"},
+        model, dtype=args.dtype, enforce_eager=True, seed=args.seed, block_size=BLOCK_SIZE, max_model_len=max_len,
+        num_gpu_blocks_override=pool_blocks + 1, max_num_seqs=max(args.requests, 8),
+        max_num_batched_tokens=args.batched_tokens, gpu_memory_utilization=0.5,
+        additional_config={"kv_policy": "full"},  # the plugin's scheduler, inert until reconfigured
     )
-    configs: list[tuple[str, dict[str, Any] | None]] = [("stock", None)]
-    configs += [(p, {"kv_policy": p, "kv_budget": args.budget}) for p in policies]
-    results = []
+    # warm-up: every configuration once on one short request (layout probe, allocator, first-call costs)
     for name, settings in configs:
-        result = run_config(llm, prompts, args.max_tokens, settings)
-        result["name"] = name
-        results.append(result)
-        print(
-            f"{name:10s} max_running={result['max_running']:3d} mean_running={result['mean_running']:.2f} "
-            f"peak_blocks={result['peak_kv_blocks']} preempt={result['preemptions']} wall={result['wall_s']:.1f}s "
-            f"total_tok/s={result['total_tokens_per_s']:.1f} leaked={result['leaked_blocks']}",
-            flush=True,
-        )
-    stock = results[0]
-    for r in results:
-        r["concurrency_vs_stock"] = r["max_running"] / stock["max_running"]
-        r["throughput_vs_stock"] = r["total_tokens_per_s"] / stock["total_tokens_per_s"]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+        run_once(llm, tokenizer, requests[:1], [0.0], 4, settings, f"warm-{name}")
+    results = []
+    for setting, max_tokens, arrival in scenarios:
+        arrivals = arrival_times(len(requests), arrival, args.request_rate, args.seed)
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in configs}
+        loads = []
+        for repeat in range(args.repeats):
+            for name, settings in configs:
+                load = machine_load()
+                result = run_once(llm, tokenizer, requests, arrivals, max_tokens, settings, f"{setting}-{arrival}-{repeat}-{name}")
+                result["load_before"] = load
+                loads.append(load[0])
+                runs[name].append(result)
+                if result["other_cpu_share"] > BUSY_SHARE:
+                    message = (
+                        f"machine busy during {setting}/{arrival} {name} repeat {repeat}: other processes used "
+                        f"{100 * result['other_cpu_share']:.0f}% of the CPU"
+                    )
+                    warnings.append(message)
+                    print(f"WARNING: {message}", file=sys.stderr, flush=True)
+                print(
+                    f"{setting:13s} {arrival:7s} #{repeat} {name:10s} wall {result['wall_s']:6.1f}s "
+                    f"out {result['tokens_per_s']:6.1f} tok/s running max {result['max_running']} "
+                    f"compaction {100 * result['compaction_share']:4.1f}% acc {result['accuracy']:.2f} "
+                    f"preempt {result['preemptions']} leaked {result['leaked_blocks']} load {load[0]} "
+                    f"others {100 * result['other_cpu_share']:.0f}%",
+                    flush=True,
+                )
+        rows = [summarise(name, settings, runs[name]) for name, settings in configs]
+        stock = rows[0]
+        for row in rows:
+            row["throughput_vs_stock"] = row["tokens_per_s"] / stock["tokens_per_s"]
+            row["total_throughput_vs_stock"] = row["total_tokens_per_s"] / stock["total_tokens_per_s"]
+            row["concurrency_vs_stock"] = row["max_running"] / stock["max_running"]
+            row["mean_concurrency_vs_stock"] = row["mean_running"] / stock["mean_running"]
+        results.append({
+            "setting": setting, "arrival": arrival, "max_tokens": max_tokens,
+            "request_rate": args.request_rate if arrival == "poisson" else None,
+            "arrival_times_s": arrivals, "load_1min_during": [min(loads), max(loads)], "configs": rows,
+        })
+    accuracy_hf = None
+    if args.hf_reference:
+        print("HF adapter reference (same prompts, policy and budget):", flush=True)
+        accuracy_hf = hf_accuracy(model, args.dtype, tokenizer, requests, configs)
+        for scenario in results:
+            for row in scenario["configs"]:
+                row["accuracy_hf"] = accuracy_hf[row["name"]]
+    load_after = machine_load()
     meta = {
-        "model": args.model, "budget": args.budget, "requests": args.requests, "prompt_tokens": args.prompt_tokens,
-        "max_tokens": args.max_tokens, "pool_blocks": args.pool_blocks, "block_size": 128,
-        "batched_tokens": args.batched_tokens, "machine": f"{platform.machine()} {os.cpu_count()} cores",
-        "torch_threads": __import__("torch").get_num_threads(),
+        "model": args.model, "dtype": args.dtype, "budget": args.budget, "requests": args.requests,
+        "suite": f"kvlong {'/'.join(TASKS)} {SUITES[args.prompt_tokens]}",
+        "prompt_tokens": [len(r.prompt) for r in requests], "request_tasks": [f"{r.task}#{r.index}" for r in requests],
+        "max_tokens": args.max_tokens, "prefill_max_tokens": args.prefill_max_tokens,
+        "pool_tokens": pool_blocks * BLOCK_SIZE, "pool_blocks": pool_blocks, "block_size": BLOCK_SIZE,
+        "full_requests_in_pool": pool_blocks * BLOCK_SIZE / longest, "batched_tokens": args.batched_tokens,
+        "repeats": args.repeats, "seed": args.seed, "vllm": vllm.__version__, "torch": torch.__version__,
+        "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores".strip(),
+        "torch_threads": torch.get_num_threads(), "load_before": load_before, "load_after": load_after,
+        "other_cpu_share_before": others_before, "busy_share": BUSY_SHARE, "busy": bool(warnings), "warnings": warnings,
+        "accuracy_hf": accuracy_hf,
     }
-    (out / "bench.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    plot(results, out / "bench.png", f"vLLM plugin, {args.requests} x {args.prompt_tokens}-token prompts, "
-         f"pool {args.pool_blocks} x 128 tokens, budget {args.budget}")
-    print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
+    report = {"meta": meta, "scenarios": results}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=1))
+    plot(report, output.with_suffix(".png"))
+    for scenario in results:
+        print_table(scenario)
+    if warnings:
+        print(f"\nWARNING: the machine was busy during this run ({len(warnings)} warnings in the JSON); "
+              "figures taken under load are not evidence", file=sys.stderr)
+    print(f"\nwrote {output} and {output.with_suffix('.png')}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kvcache.eval.vllm_bench", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except UsageError as err:
+        parser.exit(2, f"vllm-bench: {err}\n")
+    return 2
 
 
 if __name__ == "__main__":

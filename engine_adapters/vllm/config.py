@@ -53,8 +53,12 @@ class KVPluginConfig:
     policy_spec: str | dict[str, Any]
     budget: float | int = 0.5
     window: int | float | None = None
-    recompact_every: int = 16
-    chunk_evict: bool = True
+    # decode-time policies re-compact every k generated tokens; None ("auto"): k = 16 rounded up to the end of
+    # the KV block that C + 16 tokens end in (as many blocks as k = 16, fewer compactions)
+    recompact_every: int | None = None
+    # evict after every prefill chunk: True, False, or None ("auto": only prompts longer than half the
+    # KV pool, which would otherwise stall the others; shorter prompts are scored once, at their end)
+    chunk_evict: bool | None = None
     policy_params: dict[str, Any] = field(default_factory=dict)
 
     def create_policy(self) -> Any:
@@ -77,8 +81,8 @@ class KVPluginConfig:
             "kv_policy": self.policy_spec,
             "kv_budget": self.budget,
             "kv_window": self.window,
-            "kv_recompact_every": self.recompact_every,
-            "kv_chunk_evict": self.chunk_evict,
+            "kv_recompact_every": "auto" if self.recompact_every is None else self.recompact_every,
+            "kv_chunk_evict": "auto" if self.chunk_evict is None else self.chunk_evict,
         }
 
 
@@ -94,6 +98,39 @@ def _window(value: Any) -> int | float | None:
     if isinstance(value, str) and not value.strip():
         return None
     return registry.coerce(value, int | float | None, "kv_window")
+
+
+DEFAULT_RECOMPACT_EVERY = 16
+
+
+def _recompact_every(value: Any) -> int | None:
+    """``kv_recompact_every``: a number of decode steps, or auto (the default, None)."""
+    if value is None or str(value).strip().lower() in ("", "auto"):
+        return None
+    return int(value)
+
+
+def recompact_tokens(cfg: "KVPluginConfig", capacity: int, block_size: int | None) -> int:
+    """Generated tokens a decode-time policy appends beyond ``capacity`` before it re-compacts: the user's
+    k, or with "auto" 16 rounded up to the end of the KV block that C + 16 tokens end in (compacting
+    sooner frees no block)."""
+    if cfg.recompact_every is not None:
+        return cfg.recompact_every
+    if not block_size:
+        return DEFAULT_RECOMPACT_EVERY
+    return -(-(capacity + DEFAULT_RECOMPACT_EVERY) // block_size) * block_size - capacity
+
+
+def _chunk_evict(value: Any) -> bool | None:
+    """``kv_chunk_evict``: true/false, or auto (the default, None)."""
+    text = str(value).strip().lower() if value is not None else "auto"
+    if text in ("auto", "", "none"):
+        return None
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"kv_chunk_evict must be true, false or auto, got {value!r}")
 
 
 def parse(additional_config: dict[str, Any] | None) -> KVPluginConfig | None:
@@ -113,8 +150,8 @@ def parse(additional_config: dict[str, Any] | None) -> KVPluginConfig | None:
         budget = parse_budget(extra.get("kv_budget", 0.5) if extra.get("kv_budget") is not None else 0.5)
         window = _window(extra.get("kv_window"))
         layer_budget = str(extra.get("kv_layer_budget") or "uniform")
-        recompact = int(extra.get("kv_recompact_every") or 16)
-        chunk_evict = str(extra.get("kv_chunk_evict", True)).lower() not in ("0", "false", "no", "off")
+        recompact = _recompact_every(extra.get("kv_recompact_every"))
+        chunk_evict = _chunk_evict(extra.get("kv_chunk_evict"))
     except (ValueError, TypeError) as err:  # PolicyConfigError included
         raise KVPluginError(f"invalid kvcache setting: {err}") from err
     if extra.get("kv_quant") not in (None, "", "none"):
@@ -122,7 +159,7 @@ def parse(additional_config: dict[str, Any] | None) -> KVPluginConfig | None:
             "--kv-quant is not supported by the vLLM plugin yet (vLLM's paged cache stores one dtype); "
             "quantised KV works in the Hugging Face adapter (kvcache.engine_adapters.hf, kv_policy(model, quant=...))"
         )
-    if recompact < 1:
+    if recompact is not None and recompact < 1:
         raise KVPluginError(f"kv_recompact_every must be >= 1 decode steps, got {recompact}")
     try:
         head_budget = parse_head_budget(str(extra.get("kv_head_budget") or "uniform"))

@@ -56,7 +56,8 @@ def reconfigure(llm: Any, additional_config: dict[str, Any] | None) -> None:
         raise RuntimeError("reconfigure an idle engine only (requests are in flight)")
     cfg = kvconfig.parse(additional_config or {})
     sched.kv_cfg = cfg
-    sched.kv_planner = Planner(cfg) if cfg is not None else None
+    block_size = sched.kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
+    sched.kv_planner = Planner(cfg, sched.kv_pool_tokens(), block_size) if cfg is not None else None
     runner = model_runner(llm)
     runner._kvcache_state = WorkerKV(cfg) if cfg is not None else None
     sched.vllm_config.additional_config.update(cfg.as_dict() if cfg is not None else {"kv_policy": None})

@@ -96,6 +96,10 @@ def _on_cpu() -> bool:
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    # the plugin's counters live in the engine core; /metrics sums processes in prometheus multiprocess mode
+    from kvcache.engine_adapters.vllm.metrics import enable_multiprocess_metrics
+
+    enable_multiprocess_metrics()
     try:
         serve_args, command = parse_serve_args(args.vllm_argv)
         from vllm.logger import configure_logging_from_args  # type: ignore[attr-defined]

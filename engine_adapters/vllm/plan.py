@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvcache.engine_adapters.vllm.config import KVPluginConfig
+from kvcache.engine_adapters.vllm.config import KVPluginConfig, recompact_tokens
 from kvcache.plan import RequestBudget
 
 # vLLM holds the captured queries of every request that is still prefilling: at most this many of a prompt's
@@ -47,9 +47,15 @@ class StepPlan:
     reset: set[str] = field(default_factory=set)  # worker state to drop (preempted requests)
 
 
+# kv_chunk_evict "auto": a prompt is evicted chunk by chunk only when at full length it would hold more than
+# this share of the KV pool (where holding it whole would stall the other requests, or not fit at all).
+AUTO_CHUNK_EVICT_SHARE = 0.5
+
+
 @dataclass
 class RequestState:
     budget: RequestBudget
+    chunk_evict: bool  # compact after every prefill chunk (else once, at the end of the prompt)
     shift: int = 0
     compressed: bool = False  # the end-of-prefill compaction has been planned
 
@@ -58,8 +64,10 @@ class Planner:
     """Bookkeeping of the scheduler side: per-request shifts and when to compact. What a request keeps
     comes from the plan every engine shares (:class:`kvcache.plan.KVPlan`)."""
 
-    def __init__(self, cfg: KVPluginConfig) -> None:
+    def __init__(self, cfg: KVPluginConfig, pool_tokens: int | None = None, block_size: int | None = None) -> None:
         self.cfg = cfg
+        self.pool_tokens = pool_tokens  # the KV pool's size, for kv_chunk_evict "auto"
+        self.block_size = block_size  # the KV block size, for kv_recompact_every "auto"
         self.plan = cfg.create_plan()
         self.policy = self.plan.policy
         self.states: dict[str, RequestState] = {}
@@ -68,6 +76,14 @@ class Planner:
     def shift(self, req_id: str) -> int:
         state = self.states.get(req_id)
         return state.shift if state is not None else 0
+
+    def chunk_evicts(self, prompt_len: int) -> bool:
+        """Whether a prompt of ``prompt_len`` tokens is compacted after every prefill chunk. Scoring a chunk
+        sees only that chunk's last queries, not the question at the prompt's end, so "auto" (the default)
+        does it only for prompts longer than half the pool; the others are scored once, as in the HF adapter."""
+        if self.cfg.chunk_evict is not None:
+            return self.cfg.chunk_evict
+        return self.pool_tokens is not None and prompt_len > AUTO_CHUNK_EVICT_SHARE * self.pool_tokens
 
     def forget(self, req_id: str) -> None:
         self.states.pop(req_id, None)
@@ -85,7 +101,7 @@ class Planner:
         """Add one scheduled request to ``plan``; ``logical_after`` counts this step's tokens."""
         state = self.states.get(req_id)
         if state is None:
-            state = self.states[req_id] = RequestState(self.plan.request(prompt_len))
+            state = self.states[req_id] = RequestState(self.plan.request(prompt_len), self.chunk_evicts(prompt_len))
         if state.shift:
             plan.shift[req_id] = state.shift
         budget = state.budget
@@ -108,13 +124,13 @@ class Planner:
                 target = capacity + extra
                 if physical_after > target:
                     compaction = ("prefill", target, self.plan.recent(target, extra))
-            elif self.cfg.chunk_evict and physical_after > capacity:
+            elif state.chunk_evict and physical_after > capacity:
                 compaction = ("chunk", capacity, self.plan.recent(capacity))
         elif every_step:
             if self.plan.observed_queries(prompt_len):  # decode queries score too (not for position-only policies)
                 plan.capture[req_id] = num_scheduled
                 plan.decode_capture.add(req_id)
-            if physical_after >= capacity + self.cfg.recompact_every:
+            if physical_after >= capacity + recompact_tokens(self.cfg, capacity, self.block_size):
                 compaction = ("decode", capacity, self.plan.recent(capacity))
         if compaction is not None:
             phase, target, recent = compaction

@@ -57,6 +57,10 @@ def register() -> None:
 # Arguments and configuration
 
 
+def _int_or_auto(text: str) -> int | str:
+    return text if text.strip().lower() == "auto" else int(text)
+
+
 def add_kv_arguments(parser: Any) -> Any:
     """Add the ``--kv-*`` flags to a vLLM (argparse) parser; returns the parser."""
     if any("--kv-policy" in action.option_strings for action in parser._actions):
@@ -79,8 +83,9 @@ def add_kv_arguments(parser: Any) -> Any:
         help="layer budget: only 'uniform' in vLLM (pyramid/cake work in the Hugging Face adapter)",
     )
     group.add_argument(
-        "--kv-recompact-every", dest="kv_recompact_every", default=None, type=int,
-        help="decode-time policies (keyformer, h2o, streaming): re-compact every k generated tokens (default 16)",
+        "--kv-recompact-every", dest="kv_recompact_every", default=None, type=_int_or_auto,
+        help="decode-time policies (keyformer, h2o, streaming): re-compact every k generated tokens (default auto: "
+        "16, rounded up to the end of the KV block, since compacting sooner frees no block)",
     )
     group.add_argument("--kv-quant", dest="kv_quant", default=None, help="quantised KV (not supported in vLLM yet)")
     return parser
@@ -237,11 +242,13 @@ def _patch_kv_cache_utils(module: Any) -> None:
     @functools.wraps(original_configs)
     def get_kv_cache_configs(vllm_config, *args, **kwargs):
         cfg = kvconfig.parse(vllm_config.additional_config)
-        if cfg is None or not cfg.chunk_evict or not cfg.create_policy().compresses:
+        if cfg is None or cfg.chunk_evict is False or not cfg.create_policy().compresses:
             return original_configs(vllm_config, *args, **kwargs)
         max_len = vllm_config.model_config.max_model_len
         chunk = vllm_config.scheduler_config.max_num_batched_tokens
-        peak = min(max_len, cfg.create_plan().request(max_len).capacity + max(chunk, cfg.recompact_every))
+        capacity = cfg.create_plan().request(max_len).capacity
+        block_size = vllm_config.cache_config.block_size
+        peak = min(max_len, capacity + max(chunk, kvconfig.recompact_tokens(cfg, capacity, block_size)))
 
         def check(available, get_needed, max_model_len, estimate):
             return original_check(available, lambda: -(-get_needed() * peak // max_model_len), max_model_len, estimate)

@@ -23,6 +23,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from kvcache.engine_adapters.vllm import config as kvconfig
+from kvcache.engine_adapters.vllm import metrics
 from kvcache.engine_adapters.vllm.config import KVPluginError
 from kvcache.engine_adapters.vllm.plan import Planner, StepPlan, attach, plan_of
 from kvcache.plan import blocks_for
@@ -54,7 +55,7 @@ class KVCacheScheduler(Scheduler):
                 f"[{kinds}] (hybrid, sliding-window or cross-attention models are not supported yet)"
             )
         self.kv_block_size = groups[0].kv_cache_spec.block_size
-        self.kv_planner = Planner(self.kv_cfg)
+        self.kv_planner = Planner(self.kv_cfg, self.kv_pool_tokens(), self.kv_block_size)
         manager = self.kv_cache_manager
         original = manager.allocate_slots
 
@@ -80,10 +81,14 @@ class KVCacheScheduler(Scheduler):
         if self.kv_planner.observation_note:
             logger.warning("kvcache: %s", self.kv_planner.observation_note)
 
+    def kv_pool_tokens(self) -> int:
+        """Tokens the KV pool holds (vLLM's null block excluded)."""
+        return (self.kv_cache_manager.block_pool.num_gpu_blocks - 1) * self.kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
+
     def _kv_admission_fits(self, request: Any) -> bool | None:
         """Whether the request's peak physical length fits the free blocks (None: use vLLM's own check)."""
         planner = self.kv_planner
-        if planner is None or not planner.policy.compresses or not planner.cfg.chunk_evict:
+        if planner is None or not planner.policy.compresses or not planner.chunk_evicts(request.num_prompt_tokens):
             return None
         capacity = planner.plan.request(request.num_prompt_tokens).capacity
         generated = max(0, request.num_tokens - request.num_prompt_tokens)
@@ -94,11 +99,16 @@ class KVCacheScheduler(Scheduler):
         return need <= self.kv_cache_manager.block_pool.get_num_free_blocks()
 
     # ------------------------------------------------------------------------------------------
+    def _kv_labels(self) -> dict[str, str]:
+        policy = self.kv_cfg.policy_name if self.kv_cfg is not None else "none"
+        return metrics.labels_for(self.vllm_config, policy)
+
     def _preempt_request(self, request: Any, *args: Any, **kwargs: Any) -> Any:
+        self.kv_stats["preemptions"] += 1  # counted with the plugin inert too (benchmarks compare with stock)
+        metrics.count("preemptions", 1, self._kv_labels())
         if self.kv_planner is not None:
             self.kv_planner.forget(request.request_id)
             self._kv_preempted.add(request.request_id)
-            self.kv_stats["preemptions"] += 1
         return super()._preempt_request(request, *args, **kwargs)
 
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
@@ -140,13 +150,17 @@ class KVCacheScheduler(Scheduler):
                 continue
             keep = blocks_for(compaction.target, self.kv_block_size)
             tail = blocks[keep:]
-            if not tail:
-                continue
-            del blocks[keep:]
-            self.kv_cache_manager.block_pool.free_blocks(reversed(tail))
+            if tail:
+                del blocks[keep:]
+                self.kv_cache_manager.block_pool.free_blocks(reversed(tail))
+            evicted = compaction.physical - compaction.target
             self.kv_stats["compactions"] += 1
             self.kv_stats["blocks_freed"] += len(tail)
-            self.kv_stats["tokens_evicted"] += compaction.physical - compaction.target
+            self.kv_stats["tokens_evicted"] += evicted
+            labels = self._kv_labels()
+            metrics.count("compactions", 1, labels)
+            metrics.count("blocks_freed", len(tail), labels)
+            metrics.count("tokens_evicted", evicted, labels)
             if compaction.phase == "prefill":
                 logger.info(
                     "kvcache: request %s: kept %d of %d tokens per layer and KV head, freed %d blocks",

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from kvcache.engine_adapters.vllm import config as kvconfig
+from kvcache.engine_adapters.vllm import metrics
 from kvcache.engine_adapters.vllm.compact import StackedKV, compact_order, fill_holes
 from kvcache.engine_adapters.vllm.layout import TileLayout, probe_tile_layout
 from kvcache.engine_adapters.vllm.plan import Compaction, StepPlan, plan_of
@@ -313,8 +314,10 @@ class WorkerKV:
         for req_id, compaction in plan.compact.items():
             with torch.no_grad():
                 self._compact(runner, req_id, compaction)
+        end = time.perf_counter()
         self.stats["capture_s"] += middle - start
-        self.stats["compact_s"] += time.perf_counter() - middle
+        self.stats["compact_s"] += end - middle
+        metrics.count("compaction_seconds", end - start, metrics.labels_for(runner.vllm_config, self.cfg.policy_name))
 
     @torch.no_grad()
     def _compact(self, runner: Any, req_id: str, c: Compaction) -> None:

@@ -1,0 +1,65 @@
+"""``kvcache vllm-bench``: argument checks (no engine) and the JSON/PNG of a tiny run (one engine, ~30 s)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from kvcache.cli import main  # noqa: E402
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--policies", "snapkv,nosuch"], "nosuch"),
+    (["--requests", "0"], "--requests must be >= 1"),
+    (["--arrivals", "burst"], "--arrivals"),
+    (["--budget", "lots"], "budget"),
+    (["--output", "bench.csv"], ".json"),
+])
+def test_user_mistakes_exit_2_naming_the_problem(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["vllm-bench", *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_prompt_tokens_must_name_a_kvlong_length(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["vllm-bench", "--prompt-tokens", "1000"])
+    assert exit_info.value.code == 2
+    assert "1024" in capsys.readouterr().err
+
+
+@pytest.mark.e2e
+def test_tiny_run_writes_the_report(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [
+        sys.executable, "-m", "kvcache.eval.vllm_bench", "--policies", "streaming", "--requests", "2",
+        "--max-tokens", "4", "--prefill-max-tokens", "0", "--repeats", "1", "--arrivals", "all,poisson",
+        "--request-rate", "5", "--no-hf-reference", "--output", str(out),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert out.with_suffix(".png").stat().st_size > 0
+    meta = report["meta"]
+    assert len(meta["load_before"]) == 3 and len(meta["load_after"]) == 3 and isinstance(meta["busy"], bool)
+    assert [(s["setting"], s["arrival"]) for s in report["scenarios"]] == [("decode-heavy", "all"), ("decode-heavy", "poisson")]
+    for scenario in report["scenarios"]:
+        stock, streaming = scenario["configs"]
+        assert (stock["name"], streaming["name"]) == ("stock", "streaming")
+        assert stock["throughput_vs_stock"] == 1.0 and stock["concurrency_vs_stock"] == 1.0
+        assert stock["compaction_share"] == 0 and stock["blocks_freed"] == 0
+        assert streaming["blocks_freed"] > 0 and 0 < streaming["compaction_share"] < 1  # 1K-token prompts evicted
+        for row in scenario["configs"]:
+            assert row["tokens_per_s"] == pytest.approx(2 * 4 / row["wall_s"], rel=0.05)  # all 8 tokens generated
+            assert row["leaked_blocks"] == 0 and row["preemptions"] == 0
+            assert len(row["tokens_per_s_spread"]) == 2 and 0 <= row["accuracy"] <= 1
+            assert row["ttft_p50_s"] <= row["ttft_p99_s"]
+    poisson = report["scenarios"][1]["arrival_times_s"]
+    assert poisson[0] == 0 and poisson[1] > 0
