@@ -388,6 +388,10 @@ class PolicyCache(Cache):
         self.codec = codec
         self._pass_real: tuple[int, list[int]] | None = None  # (tokens seen after the pass, its real tokens)
 
+    def reset(self) -> None:
+        super().reset()
+        self._pass_real = None
+
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
 
