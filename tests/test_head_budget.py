@@ -350,3 +350,41 @@ def test_sweep_runs_uniform_and_adaptive_heads_through_lm_eval(tmp_path, request
     assert adaptive["mean_kv_bytes"] < 0.5 * full["mean_kv_bytes"]
     assert abs(adaptive["mean_kv_bytes"] - uniform["mean_kv_bytes"]) < 0.1 * uniform["mean_kv_bytes"]
     assert "| snapkv | uniform | adaptive | none | 0.25 |" in (out / "table.md").read_text()
+
+
+# -- decode decided on the host ---------------------------------------------------------------------------
+@pytest.mark.parametrize("policy", ["snapkv", "h2o", "keyformer"])
+def test_adaptive_decode_reads_nothing_from_the_device(policy):
+    """As the dense cache (tests/test_hf_sync_free.py): after the prompt's split, decode steps, in-place
+    per-head replacement included, are decided from host mirrors: no host read whatever the depth."""
+    from test_hf_sync_free import DENSE_POLICIES, decode_reads, llama
+
+    for num_layers in (4, 8):
+        model = llama(num_layers)
+        with kv_policy(model, policy, budget=0.5, head_budget="adaptive", **DENSE_POLICIES[policy]):
+            reads, cache = decode_reads(model, [40, 40])
+        assert sum(reads.values()) == 0, (policy, num_layers, dict(reads))
+        assert isinstance(cache, RaggedPolicyCache)
+        heads = cache.layers[-1].head_tokens()
+        extra = 0 if cache.plan.policy.every_step else 4 * 2  # DECODE_STEPS tokens appended to both heads
+        assert [sum(h) for h in heads] == [20 * 2 + extra] * 2
+
+
+@pytest.mark.parametrize("policy", ["snapkv", "h2o", "tova"])
+def test_host_mirrors_equal_the_device_state_with_padding_mid_decode(policy, make_model):
+    model = make_model("llama")
+    ids, mask = padded_batch([40, 23, 31], seed=7)
+    with torch.no_grad(), kv_policy(model, policy, budget=0.5, head_budget="adaptive", **PARAMS.get(policy, {})):
+        out = model(input_ids=ids, attention_mask=mask)
+        cache = out.past_key_values
+        for step in range(6):
+            new = torch.ones_like(mask[:, :1])
+            if step == 2:
+                new[1] = 0  # sequence 1 gets a padding token mid-decode
+            mask = torch.cat([mask, new], dim=1)
+            out = model(input_ids=out.logits[:, -1:].argmax(-1), attention_mask=mask, past_key_values=cache)
+            for layer in cache.layers:
+                assert layer.head_tokens() == layer.valid.sum(-1).tolist(), (policy, step)
+                assert layer.rows_used <= layer._k.shape[0]
+                rows = layer._row[:, :, : layer.length][layer.valid]
+                assert rows.unique().numel() == rows.numel() and int(rows.max()) < layer.rows_used  # no row shared

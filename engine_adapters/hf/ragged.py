@@ -101,7 +101,7 @@ class RaggedPolicyLayer(PolicyLayer):
         if q > 1:
             return super().visible(q)
         seen = self.valid[:, :, None, :].clone()
-        seen[..., -1] = True
+        seen[..., -1].fill_(True)  # fill_, not = True: no tensor made from host data
         return seen
 
     @property
@@ -127,8 +127,8 @@ class RaggedPolicyLayer(PolicyLayer):
         self._v[first : first + new_rows] = value_states.reshape(new_rows, -1)
         self._row[:, :, start:stop] = torch.arange(first, first + new_rows, device=self.device).view(b, h, q)
         self._index[:, :, start:stop] = torch.arange(self.seen, self.seen + q, device=self.device)
-        self._valid[:, :, start:stop] = True
-        self._scores[:, :, start:stop] = 0
+        self._valid[:, :, start:stop].fill_(True)
+        self._scores[:, :, start:stop].zero_()
         self.rows_used += new_rows
         self.length, self.seen = stop, self.seen + q
         self._count_appended(b, q)
