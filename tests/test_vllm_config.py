@@ -218,13 +218,16 @@ def test_full_policy_never_plans():
     assert not any(p.compact or p.capture for p in plans)
 
 
-def test_auto_recompaction_fills_the_block_that_c_plus_16_ends_in():
-    """Compacting before the request's last block is full frees nothing: "auto" re-compacts at the end of
-    the block C + 16 tokens end in (never more blocks than k = 16, fewer compactions)."""
+def test_auto_recompaction_fills_the_last_block_of_the_kept_tokens():
+    """Compacting before the request's last block is full frees nothing, and compacting after it took a
+    block holds one more: "auto" re-compacts when the block the C kept tokens end in is full (when it has
+    at least 8 free slots; else every 16 tokens)."""
     cfg = kvconfig.parse({"kv_policy": "h2o", "kv_budget": 0.5})
     assert cfg.recompact_every is None and cfg.as_dict()["kv_recompact_every"] == "auto"
-    assert kvconfig.recompact_tokens(cfg, 230, 128) == 26  # C + 26 = 256: two blocks, like C + 16
-    assert kvconfig.recompact_tokens(cfg, 250, 128) == 134  # C + 16 needs three blocks anyway
+    assert kvconfig.recompact_tokens(cfg, 230, 128) == 26  # C + 26 = 256: stays in two blocks
+    assert kvconfig.recompact_tokens(cfg, 242, 128) == 14  # sooner than 16, which would take a third block
+    assert kvconfig.recompact_tokens(cfg, 250, 128) == 16  # 6 free slots: too few, k = 16
+    assert kvconfig.recompact_tokens(cfg, 130, 128) == 126
     assert kvconfig.recompact_tokens(cfg, 230, None) == 16
     explicit = kvconfig.parse({"kv_policy": "h2o", "kv_budget": 0.5, "kv_recompact_every": "8"})
     assert kvconfig.recompact_tokens(explicit, 230, 128) == 8

@@ -53,8 +53,8 @@ class KVPluginConfig:
     policy_spec: str | dict[str, Any]
     budget: float | int = 0.5
     window: int | float | None = None
-    # decode-time policies re-compact every k generated tokens; None ("auto"): k = 16 rounded up to the end of
-    # the KV block that C + 16 tokens end in (as many blocks as k = 16, fewer compactions)
+    # decode-time policies re-compact every k generated tokens; None ("auto"): k = the room left in the last
+    # KV block the C kept tokens occupy, when at least 8 tokens, else 16 (see recompact_tokens)
     recompact_every: int | None = None
     # evict after every prefill chunk: True, False, or None ("auto": only prompts longer than half the
     # KV pool, which would otherwise stall the others; shorter prompts are scored once, at their end)
@@ -111,14 +111,13 @@ def _recompact_every(value: Any) -> int | None:
 
 
 def recompact_tokens(cfg: "KVPluginConfig", capacity: int, block_size: int | None) -> int:
-    """Generated tokens a decode-time policy appends beyond ``capacity`` before it re-compacts: the user's
-    k, or with "auto" 16 rounded up to the end of the KV block that C + 16 tokens end in (compacting
-    sooner frees no block)."""
+    """Generated tokens a decode-time policy appends beyond ``capacity`` (C) before it re-compacts: the
+    user's k, or with "auto" the room left in the last KV block C occupies when that is at least 8 tokens
+    (the request then never takes another block and compacts no sooner than it must), else 16."""
     if cfg.recompact_every is not None:
         return cfg.recompact_every
-    if not block_size:
-        return DEFAULT_RECOMPACT_EVERY
-    return -(-(capacity + DEFAULT_RECOMPACT_EVERY) // block_size) * block_size - capacity
+    room = -(-capacity // block_size) * block_size - capacity if block_size else 0
+    return room if room >= DEFAULT_RECOMPACT_EVERY // 2 else DEFAULT_RECOMPACT_EVERY
 
 
 def _chunk_evict(value: Any) -> bool | None:

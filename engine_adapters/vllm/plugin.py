@@ -85,7 +85,7 @@ def add_kv_arguments(parser: Any) -> Any:
     group.add_argument(
         "--kv-recompact-every", dest="kv_recompact_every", default=None, type=_int_or_auto,
         help="decode-time policies (keyformer, h2o, streaming): re-compact every k generated tokens (default auto: "
-        "16, rounded up to the end of the KV block, since compacting sooner frees no block)",
+        "the room left in the last KV block the kept tokens occupy, when >= 8 tokens, else 16)",
     )
     group.add_argument("--kv-quant", dest="kv_quant", default=None, help="quantised KV (not supported in vLLM yet)")
     return parser
