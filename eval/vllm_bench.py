@@ -20,6 +20,10 @@ CPU other processes used during each run are recorded; the command warns when th
 
     kvcache vllm-bench --policies snapkv,streaming,h2o,keyformer --budget 0.25 --output results/vllm/bench.json
     python -m kvcache.eval.vllm_bench ...      # the same
+
+A long benchmark can be split into short quiet windows (``--repeats 1 --output w1.json``, ``w2.json``, ...)
+and merged: ``kvcache vllm-bench --merge w1.json w2.json w3.json --output bench.json`` pools each
+configuration's runs, reports medians and spreads over all of them and keeps every window's load.
 """
 
 from __future__ import annotations
@@ -75,6 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also score the prompts through the Hugging Face adapter (same policy and budget)")
     parser.add_argument("--seed", type=int, default=0, help="Poisson arrivals and vLLM seed")
     parser.add_argument("--output", default="results/vllm/bench.json", help="JSON report; the PNG goes beside it")
+    parser.add_argument("--merge", nargs="+", metavar="FILE.json", default=None,
+                        help="run nothing: merge the runs of earlier reports of the same setup (e.g. one per quiet "
+                             "window) into --output, medians and spreads over all their repeats")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -308,17 +315,82 @@ SUMMARISED = (
 )
 
 
-def summarise(name: str, settings: dict[str, Any] | None, runs: list[dict[str, Any]]) -> dict[str, Any]:
+def summarise(name: str, settings: dict[str, Any] | None, runs: list[dict[str, Any]],
+              running_trace: list[int] | None = None) -> dict[str, Any]:
     """Median of every metric over the repeats, ``<metric>_spread`` = [min, max]."""
     row: dict[str, Any] = {"name": name, "settings": settings or {"kv_policy": None}, "repeats": len(runs)}
     for key in SUMMARISED:
         values = [r[key] for r in runs]
         row[key] = statistics.median(values)
         row[f"{key}_spread"] = [min(values), max(values)]
-    median_run = sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]
-    row["running_trace"] = median_run["running_trace"]
+    if running_trace is None:
+        median_run = sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]
+        running_trace = median_run["running_trace"]
+    row["running_trace"] = running_trace
     row["runs"] = [{k: v for k, v in r.items() if k not in ("running_trace",)} for r in runs]
     return row
+
+
+def compare_with_stock(rows: list[dict[str, Any]]) -> None:
+    """Ratios of each configuration's medians to stock's (the first row)."""
+    stock = rows[0]
+    for row in rows:
+        row["throughput_vs_stock"] = row["tokens_per_s"] / stock["tokens_per_s"]
+        row["total_throughput_vs_stock"] = row["total_tokens_per_s"] / stock["total_tokens_per_s"]
+        row["concurrency_vs_stock"] = row["max_running"] / stock["max_running"]
+        row["mean_concurrency_vs_stock"] = row["mean_running"] / stock["mean_running"]
+
+
+SAME_SETUP = ("model", "dtype", "budget", "requests", "suite", "prompt_tokens", "pool_tokens", "block_size",
+              "batched_tokens", "seed", "vllm")
+
+
+def merge_reports(paths: list[str], output: Path) -> dict[str, Any]:
+    """One report from several of the same setup (e.g. one repeat per quiet window): each configuration's
+    runs are pooled and summarised again; the load of every window is kept (``meta.windows``)."""
+    reports = []
+    for path in paths:
+        try:
+            reports.append(json.loads(Path(path).read_text(encoding="utf-8")))
+        except (OSError, ValueError) as err:
+            raise UsageError(f"--merge {path}: cannot read a vllm-bench report ({err})") from None
+    first = reports[0]["meta"]
+    for path, report in zip(paths[1:], reports[1:]):
+        differ = [k for k in SAME_SETUP if report["meta"].get(k) != first.get(k)]
+        if differ:
+            raise UsageError(f"--merge {path}: a different setup ({', '.join(differ)}); merge runs of one setup only")
+    scenarios: dict[tuple, dict[str, Any]] = {}
+    for report in reports:
+        for scenario in report["scenarios"]:
+            key = (scenario["setting"], scenario["arrival"], scenario["max_tokens"])
+            merged = scenarios.setdefault(key, {**scenario, "configs": {}, "loads": []})
+            merged["loads"] += scenario["load_1min_during"]
+            for row in scenario["configs"]:
+                entry = merged["configs"].setdefault(row["name"], {"settings": row["settings"], "runs": [],
+                                                                   "trace": row["running_trace"]})
+                entry["runs"] += row["runs"]
+    accuracy_hf: dict[str, float] = {}
+    for report in reports:
+        accuracy_hf.update(report["meta"].get("accuracy_hf") or {})
+    results = []
+    for merged in scenarios.values():
+        rows = [summarise(name, entry["settings"], entry["runs"], entry["trace"]) for name, entry in merged["configs"].items()]
+        compare_with_stock(rows)
+        for row in rows:
+            if row["name"] in accuracy_hf:
+                row["accuracy_hf"] = accuracy_hf[row["name"]]
+        loads = merged.pop("loads")
+        results.append({**merged, "configs": rows, "load_1min_during": [min(loads), max(loads)]})
+    windows = [{"file": str(path), **{k: r["meta"].get(k) for k in ("load_before", "load_after", "other_cpu_share_before",
+                                                                    "busy", "repeats")}}
+               for path, r in zip(paths, reports)]
+    meta = {
+        **first, "repeats": sum(w["repeats"] for w in windows), "windows": windows,
+        "load_before": first["load_before"], "load_after": reports[-1]["meta"]["load_after"],
+        "busy": any(w["busy"] for w in windows), "warnings": [w for r in reports for w in r["meta"]["warnings"]],
+        "accuracy_hf": accuracy_hf or None,
+    }
+    return {"meta": meta, "scenarios": results}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -410,11 +482,25 @@ def print_table(scenario: dict[str, Any]) -> None:
         )
 
 
+def write_report(report: dict[str, Any], output: Path) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=1))
+    plot(report, output.with_suffix(".png"))
+    for scenario in report["scenarios"]:
+        print_table(scenario)
+
+
 def run(args: argparse.Namespace) -> int:
-    configs, scenarios = check_args(args)
     output = Path(args.output)
     if output.suffix != ".json":
         raise UsageError(f"--output {args.output}: name a .json file (the PNG is written beside it)")
+    if args.merge:
+        report = merge_reports(args.merge, output)
+        write_report(report, output)
+        print(f"\nmerged {len(args.merge)} reports ({report['meta']['repeats']} repeats) into {output} and "
+              f"{output.with_suffix('.png')}")
+        return 0
+    configs, scenarios = check_args(args)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     try:
         import vllm
@@ -483,12 +569,7 @@ def run(args: argparse.Namespace) -> int:
                     flush=True,
                 )
         rows = [summarise(name, settings, runs[name]) for name, settings in configs]
-        stock = rows[0]
-        for row in rows:
-            row["throughput_vs_stock"] = row["tokens_per_s"] / stock["tokens_per_s"]
-            row["total_throughput_vs_stock"] = row["total_tokens_per_s"] / stock["total_tokens_per_s"]
-            row["concurrency_vs_stock"] = row["max_running"] / stock["max_running"]
-            row["mean_concurrency_vs_stock"] = row["mean_running"] / stock["mean_running"]
+        compare_with_stock(rows)
         results.append({
             "setting": setting, "arrival": arrival, "max_tokens": max_tokens,
             "request_rate": args.request_rate if arrival == "poisson" else None,
@@ -516,11 +597,7 @@ def run(args: argparse.Namespace) -> int:
         "accuracy_hf": accuracy_hf,
     }
     report = {"meta": meta, "scenarios": results}
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=1))
-    plot(report, output.with_suffix(".png"))
-    for scenario in results:
-        print_table(scenario)
+    write_report(report, output)
     if warnings:
         print(f"\nWARNING: the machine was busy during this run ({len(warnings)} warnings in the JSON); "
               "figures taken under load are not evidence", file=sys.stderr)

@@ -63,3 +63,27 @@ def test_tiny_run_writes_the_report(tmp_path):
             assert row["ttft_p50_s"] <= row["ttft_p99_s"]
     poisson = report["scenarios"][1]["arrival_times_s"]
     assert poisson[0] == 0 and poisson[1] > 0
+
+    # one report per quiet window, merged: the runs are pooled and summarised again
+    merged_path = tmp_path / "merged.json"
+    assert main(["vllm-bench", "--merge", str(out), str(out), "--output", str(merged_path)]) == 0
+    merged = json.loads(merged_path.read_text())
+    assert merged["meta"]["repeats"] == 2 and len(merged["meta"]["windows"]) == 2
+    assert merged_path.with_suffix(".png").stat().st_size > 0
+    for before, after in zip(report["scenarios"], merged["scenarios"]):
+        for row, merged_row in zip(before["configs"], after["configs"]):
+            assert merged_row["repeats"] == 2 and len(merged_row["runs"]) == 2
+            assert merged_row["tokens_per_s"] == pytest.approx(row["tokens_per_s"])
+            assert merged_row["throughput_vs_stock"] == pytest.approx(row["throughput_vs_stock"])
+
+
+def test_merge_refuses_reports_of_different_setups(tmp_path, capsys):
+    paths = []
+    for i, budget in enumerate(("0.25", "0.5")):
+        path = tmp_path / f"r{i}.json"
+        path.write_text(json.dumps({"meta": {"model": "m", "budget": budget, "warnings": []}, "scenarios": []}))
+        paths.append(str(path))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["vllm-bench", "--merge", *paths, "--output", str(tmp_path / "out.json")])
+    assert exit_info.value.code == 2
+    assert "different setup (budget)" in capsys.readouterr().err

@@ -221,12 +221,13 @@ def test_full_policy_never_plans():
 def test_auto_recompaction_fills_the_last_block_of_the_kept_tokens():
     """Compacting before the request's last block is full frees nothing, and compacting after it took a
     block holds one more: "auto" re-compacts when the block the C kept tokens end in is full (when it has
-    at least 8 free slots; else every 16 tokens)."""
+    at least 4 free slots; else it takes one more block and re-compacts when that one is full)."""
     cfg = kvconfig.parse({"kv_policy": "h2o", "kv_budget": 0.5})
     assert cfg.recompact_every is None and cfg.as_dict()["kv_recompact_every"] == "auto"
     assert kvconfig.recompact_tokens(cfg, 230, 128) == 26  # C + 26 = 256: stays in two blocks
     assert kvconfig.recompact_tokens(cfg, 242, 128) == 14  # sooner than 16, which would take a third block
-    assert kvconfig.recompact_tokens(cfg, 250, 128) == 16  # 6 free slots: too few, k = 16
+    assert kvconfig.recompact_tokens(cfg, 250, 128) == 6  # 250 + 6 = 256: two blocks, not three
+    assert kvconfig.recompact_tokens(cfg, 253, 128) == 3 + 128  # 3 free slots: fill a third block
     assert kvconfig.recompact_tokens(cfg, 130, 128) == 126
     assert kvconfig.recompact_tokens(cfg, 230, None) == 16
     explicit = kvconfig.parse({"kv_policy": "h2o", "kv_budget": 0.5, "kv_recompact_every": "8"})
@@ -240,3 +241,32 @@ def test_auto_recompaction_fills_the_last_block_of_the_kept_tokens():
         if plan.compact:
             steps.append((t, plan.compact["r"].physical))
     assert steps == [(26, 256), (52, 256)]
+
+
+def test_planned_blocks_is_the_largest_footprint_after_the_prompt_compaction():
+    """What ``kv_admission=reserve`` reserves: SnapKV keeps C = 250 of a 1000-token prompt and appends
+    every generated token (250 + 256 = 506 tokens: 4 blocks of 128); H2O re-compacts back to C after k
+    tokens (auto: k = 6 fills the second block; C = 253 leaves 3 free slots, so k = 131 fills a third);
+    never more than the whole request; None when the prompt is kept whole or the block size is unknown."""
+    snap = Planner(kvconfig.parse({"kv_policy": "snapkv", "kv_budget": 0.25}), 8192, 128)
+    assert snap.planned_blocks("a", 1000, 256) == 4
+    assert snap.planned_blocks("a", 1000, 2000) == 18  # ceil(2250 / 128)
+    h2o = Planner(kvconfig.parse({"kv_policy": "h2o", "kv_budget": 0.25}), 8192, 128)
+    assert h2o.planned_blocks("a", 1000, 256) == 2
+    assert h2o.planned_blocks("b", 1012, 256) == 3
+    assert h2o.planned_blocks("b", 1012, 2) == 2  # 255 tokens
+    every8 = Planner(kvconfig.parse({"kv_policy": "h2o", "kv_budget": 0.25, "kv_recompact_every": 8}), 8192, 128)
+    assert every8.planned_blocks("a", 1000, 256) == 3  # 258 tokens
+    whole = Planner(kvconfig.parse({"kv_policy": "snapkv", "kv_budget": 1.0}), 8192, 128)
+    assert whole.planned_blocks("a", 1000, 256) is None
+    assert Planner(kvconfig.parse({"kv_policy": "snapkv", "kv_budget": 0.25})).planned_blocks("a", 1000, 256) is None
+
+
+def test_admission_setting():
+    assert kvconfig.parse({"kv_policy": "snapkv"}).admission == "reserve"
+    cfg = kvconfig.parse({"kv_policy": "snapkv", "kv_admission": "Optimistic"})
+    assert cfg.admission == "optimistic" and cfg.as_dict()["kv_admission"] == "optimistic"
+    with pytest.raises(KVPluginError, match="kv_admission must be reserve or optimistic"):
+        kvconfig.parse({"kv_policy": "snapkv", "kv_admission": "greedy"})
+    with pytest.raises(KVPluginError, match="without kv_policy"):
+        kvconfig.parse({"kv_admission": "reserve"})

@@ -23,7 +23,11 @@ SUPPORTED_VLLM = ((0, 32), (0, 33))  # [lower, upper): any 0.32.x
 SUPPORTED_VLLM_TEXT = ">=0.32,<0.33"
 
 # Keys of ``additional_config`` that belong to this plugin.
-KEYS = ("kv_policy", "kv_budget", "kv_window", "kv_layer_budget", "kv_recompact_every", "kv_chunk_evict", "kv_quant")
+KEYS = (
+    "kv_policy", "kv_budget", "kv_window", "kv_layer_budget", "kv_recompact_every", "kv_chunk_evict", "kv_admission",
+    "kv_quant",
+)
+ADMISSIONS = ("reserve", "optimistic")
 
 
 class KVPluginError(ValueError):
@@ -54,11 +58,15 @@ class KVPluginConfig:
     budget: float | int = 0.5
     window: int | float | None = None
     # decode-time policies re-compact every k generated tokens; None ("auto"): k = the room left in the last
-    # KV block the C kept tokens occupy, when at least 8 tokens, else 16 (see recompact_tokens)
+    # KV block the C kept tokens occupy, when at least 4 tokens, else that room plus one block (see recompact_tokens)
     recompact_every: int | None = None
     # evict after every prefill chunk: True, False, or None ("auto": only prompts longer than half the
     # KV pool, which would otherwise stall the others; shorter prompts are scored once, at their end)
     chunk_evict: bool | None = None
+    # "reserve" (default): a new request is admitted only while the free blocks also cover the planned growth
+    # of the running compressed requests (see scheduler.KVCacheScheduler); "optimistic": vLLM's own rule
+    # (admit when the prompt fits, preempt and recompute when the pool overflows)
+    admission: str = "reserve"
     policy_params: dict[str, Any] = field(default_factory=dict)
 
     def create_policy(self) -> Any:
@@ -83,6 +91,7 @@ class KVPluginConfig:
             "kv_window": self.window,
             "kv_recompact_every": "auto" if self.recompact_every is None else self.recompact_every,
             "kv_chunk_evict": "auto" if self.chunk_evict is None else self.chunk_evict,
+            "kv_admission": self.admission,
         }
 
 
@@ -110,14 +119,26 @@ def _recompact_every(value: Any) -> int | None:
     return int(value)
 
 
+# "auto" re-compacts within the last KV block C occupies when it has at least this many free slots
+MIN_AUTO_RECOMPACT = 4
+
+
 def recompact_tokens(cfg: "KVPluginConfig", capacity: int, block_size: int | None) -> int:
     """Generated tokens a decode-time policy appends beyond ``capacity`` (C) before it re-compacts: the
-    user's k, or with "auto" the room left in the last KV block C occupies when that is at least 8 tokens
-    (the request then never takes another block and compacts no sooner than it must), else 16."""
+    user's k, or with "auto" the room left in the last KV block C occupies, so the request never takes
+    another block and compacts no sooner than it must. When that block has fewer than
+    ``MIN_AUTO_RECOMPACT`` free slots (compacting every 1-3 tokens would cost more than the block saves),
+    the request takes one more block and fills it: k = room + block size. Without a known block size, 16.
+
+    A block is what the pool lends: with C = 240 of 128-token blocks, k = 16 keeps the request in 2 blocks;
+    k = 17 would hold 3 for the whole decode. On the kvlong 1K prompts at budget 0.25 (C = 209-259) this
+    keeps 11 of 12 requests in 2 blocks, where the previous rule (k = 16 below 8 free slots) held 3 for C = 252."""
     if cfg.recompact_every is not None:
         return cfg.recompact_every
-    room = -(-capacity // block_size) * block_size - capacity if block_size else 0
-    return room if room >= DEFAULT_RECOMPACT_EVERY // 2 else DEFAULT_RECOMPACT_EVERY
+    if not block_size:
+        return DEFAULT_RECOMPACT_EVERY
+    room = -(-capacity // block_size) * block_size - capacity
+    return room if room >= MIN_AUTO_RECOMPACT else room + block_size
 
 
 def _chunk_evict(value: Any) -> bool | None:
@@ -130,6 +151,14 @@ def _chunk_evict(value: Any) -> bool | None:
     if text in ("0", "false", "no", "off"):
         return False
     raise ValueError(f"kv_chunk_evict must be true, false or auto, got {value!r}")
+
+
+def _admission(value: Any) -> str:
+    """``kv_admission``: reserve (the default) or optimistic."""
+    text = str(value).strip().lower() if value not in (None, "") else "reserve"
+    if text not in ADMISSIONS:
+        raise ValueError(f"kv_admission must be reserve or optimistic, got {value!r}")
+    return text
 
 
 def parse(additional_config: dict[str, Any] | None) -> KVPluginConfig | None:
@@ -151,6 +180,7 @@ def parse(additional_config: dict[str, Any] | None) -> KVPluginConfig | None:
         layer_budget = str(extra.get("kv_layer_budget") or "uniform")
         recompact = _recompact_every(extra.get("kv_recompact_every"))
         chunk_evict = _chunk_evict(extra.get("kv_chunk_evict"))
+        admission = _admission(extra.get("kv_admission"))
     except (ValueError, TypeError) as err:  # PolicyConfigError included
         raise KVPluginError(f"invalid kvcache setting: {err}") from err
     if extra.get("kv_quant") not in (None, "", "none"):
@@ -185,6 +215,7 @@ def parse(additional_config: dict[str, Any] | None) -> KVPluginConfig | None:
         )
     cfg = KVPluginConfig(
         policy_spec=spec, budget=budget, window=window, recompact_every=recompact, chunk_evict=chunk_evict,
+        admission=admission,
     )
     try:
         policy = cfg.create_policy()

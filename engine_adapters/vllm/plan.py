@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvcache.engine_adapters.vllm.config import KVPluginConfig, recompact_tokens
-from kvcache.plan import RequestBudget
+from kvcache.plan import RequestBudget, blocks_for
 
 # vLLM holds the captured queries of every request that is still prefilling: at most this many of a prompt's
 # last queries are kept (a policy declaring more, H2O and Keyformer, is told so once in the log). Scoring every
@@ -92,6 +92,23 @@ class Planner:
 
     def forget(self, req_id: str) -> None:
         self.states.pop(req_id, None)
+
+    def planned_blocks(self, req_id: str, prompt_len: int, max_new_tokens: int | None) -> int | None:
+        """KV blocks a compressed request will hold at its largest after its prompt compaction, until it
+        finishes (None: kept whole, vLLM's own accounting applies).
+
+        A one-shot policy (SnapKV) keeps C tokens of the prompt and appends every generated token:
+        ``blocks_for(C + max_new_tokens)``. A decode-time policy appends k tokens and re-compacts back to C:
+        ``blocks_for(C + min(k, max_new_tokens))``. Never more than the uncompressed request would hold."""
+        if self.block_size is None:
+            return None
+        state = self.states.get(req_id)
+        budget = state.budget if state is not None else self.plan.request(prompt_len)
+        if not budget.compressed:
+            return None
+        new = max_new_tokens if max_new_tokens is not None else 0
+        grow = min(new, recompact_tokens(self.cfg, budget.capacity, self.block_size)) if self.policy.every_step else new
+        return blocks_for(min(budget.capacity + grow, prompt_len + new), self.block_size)
 
     def plan_request(
         self,

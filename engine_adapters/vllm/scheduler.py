@@ -9,6 +9,12 @@ Seams in vLLM 0.32 (``vllm/v1/core/sched/scheduler.py``, ``vllm/v1/core/kv_cache
 * ``Scheduler.update_from_output`` — the barrier after the forward pass: the worker has compacted, so
   the request's block list (``SingleTypeKVCacheManager.req_to_blocks``) is trimmed to the blocks the
   kept tokens occupy and the tail goes back to ``BlockPool.free_blocks``.
+* Admission (``allocate_slots`` for a waiting or preempted request): a prompt evicted chunk by chunk is
+  checked at its peak physical length (budget + chunk), not its whole prompt; and with
+  ``kv_admission=reserve`` (the default) a request is admitted only while the free blocks, less the
+  blocks the running compressed requests will still grow into (:meth:`Planner.planned_blocks`), hold its
+  own planned footprint. Without that reservation the blocks freed at a prompt compaction admit requests
+  whose decode growth later overflows the pool, and vLLM preempts, which recomputes a whole prompt.
 * ``Scheduler._preempt_request`` — a preempted request loses its blocks and recomputes from scratch;
   its eviction state is dropped so the recomputed prompt is evicted again.
 """
@@ -21,6 +27,7 @@ from typing import Any
 
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.kv_cache_interface import FullAttentionSpec
+from vllm.v1.request import RequestStatus
 
 from kvcache.engine_adapters.vllm import config as kvconfig
 from kvcache.engine_adapters.vllm import metrics
@@ -61,12 +68,15 @@ class KVCacheScheduler(Scheduler):
 
         @functools.wraps(original)
         def allocate_slots(request: Any, *a: Any, **kw: Any) -> Any:
-            if kw.get("full_sequence_must_fit") and self._kv_admission_fits(request) is not None:
-                # Admission: with eviction after each prefill chunk the request never holds its whole
-                # prompt, only about budget + chunk; check that instead of the full prompt.
-                if not self._kv_admission_fits(request):
+            if request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
+                if not self._kv_growth_reserved(request):
                     return None
-                kw["full_sequence_must_fit"] = False
+                if kw.get("full_sequence_must_fit") and self._kv_admission_fits(request) is not None:
+                    # Admission: with eviction after each prefill chunk the request never holds its whole
+                    # prompt, only about budget + chunk; check that instead of the full prompt.
+                    if not self._kv_admission_fits(request):
+                        return None
+                    kw["full_sequence_must_fit"] = False
             shift = self.kv_planner.shift(request.request_id) if self.kv_planner is not None else 0
             if not shift:
                 return original(request, *a, **kw)
@@ -97,6 +107,31 @@ class KVCacheScheduler(Scheduler):
         held = len(manager.req_to_blocks.get(request.request_id, ()))
         need = blocks_for(peak, self.kv_block_size) - held
         return need <= self.kv_cache_manager.block_pool.get_num_free_blocks()
+
+    def _kv_growth_reserved(self, request: Any) -> bool:
+        """``kv_admission=reserve``: whether admitting ``request`` leaves the running compressed requests the
+        blocks they will grow into. Each running request r reserves ``min(planned_r, prompt_blocks_r) - held_r``
+        blocks (planned: :meth:`Planner.planned_blocks`; capped at its prompt's blocks, what vLLM's own
+        admission counted for it, so this is never stricter than stock vLLM), and the newcomer needs its
+        own planned footprint (a request kept whole: its tokens so far, as vLLM counts it). Its prompt may
+        use reserved blocks during its prefill (vLLM checks that the prompt fits the free blocks): the
+        running requests grow one token per step, and the prompt is compacted at the end of that step."""
+        planner = self.kv_planner
+        if planner is None or self.kv_cfg.admission != "reserve" or not planner.policy.compresses:
+            return True
+        manager = self.kv_cache_manager.coordinator.single_type_managers[0]
+        reserved = 0
+        for running in self.running:
+            planned = planner.planned_blocks(running.request_id, running.num_prompt_tokens, running.max_tokens)
+            if planned is not None:
+                held = len(manager.req_to_blocks.get(running.request_id, ()))
+                reserved += max(0, min(planned, blocks_for(running.num_prompt_tokens, self.kv_block_size)) - held)
+        if not reserved:
+            return True
+        planned = planner.planned_blocks(request.request_id, request.num_prompt_tokens, request.max_tokens)
+        whole = blocks_for(request.num_tokens, self.kv_block_size)
+        need = whole if planned is None else min(planned, whole)
+        return need + reserved <= self.kv_cache_manager.block_pool.get_num_free_blocks()
 
     # ------------------------------------------------------------------------------------------
     def _kv_labels(self) -> dict[str, str]:
