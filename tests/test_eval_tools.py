@@ -36,6 +36,26 @@ def test_sweep_writes_well_formed_json(tiny_folder, tmp_path):  # noqa: F811
         assert c["mean"] == pytest.approx(sum(v["score"] for v in c["tasks"].values()) / 2)
         assert c["requests"] == 2 and c["mean_kv_bytes"] > 0
     full, kivi, snap, _, snap_kivi, _ = data["configs"]
+    # every row keeps its samples (the task score is their mean), 95% intervals around the scores, and its CPU time
+    for c in data["configs"]:
+        for v in c["tasks"].values():
+            assert [s["doc_id"] for s in v["samples"]] == [0, 1]
+            assert v["score"] == pytest.approx(sum(s["score"] for s in v["samples"]) / 2)
+            assert v["ci95"][0] <= v["score"] <= v["ci95"][1]
+        assert c["mean_ci95"][0] <= c["mean"] <= c["mean_ci95"][1]
+        assert c["cpu_seconds"] > 0
+    assert data["cpu_seconds_total"] == pytest.approx(sum(c["cpu_seconds"] for c in data["configs"]), abs=0.2)
+    # kvpress_compare renders the same prompt text as lm-eval (so its rows pair with these samples)
+    import hashlib
+
+    import transformers as tf
+
+    from kvcache.eval import kvpress_compare
+
+    tok = tf.AutoTokenizer.from_pretrained(tiny_folder)
+    for task in ("passkey_1k", "qa_1k"):
+        for row, logged in zip(kvpress_compare.load_rows(task, 2), full["tasks"][f"kvlong_{task}"]["samples"]):
+            assert hashlib.sha256(kvpress_compare.prompt_text(tok, row).encode()).hexdigest() == logged["prompt_sha256"]
     assert snap["mean_kv_bytes"] < full["mean_kv_bytes"]  # measured from the cache tensors
     assert snap_kivi["mean_kv_bytes"] < snap["mean_kv_bytes"]
     assert kivi["bytes_per_stored_token"] < full["bytes_per_stored_token"]
@@ -103,3 +123,48 @@ def test_fidelity_writes_json(tiny_folder, tmp_path):  # noqa: F811
     assert whole["ppl"] == pytest.approx(full["ppl"], rel=1e-4)
     assert half["ppl"] != pytest.approx(full["ppl"], rel=1e-4)
     assert (out / "fidelity.png").exists()
+
+
+def test_wilson_interval_matches_the_formula():
+    # Wilson (1927) 95% intervals, reference values from the closed form with z = 1.959964
+    assert sweep.wilson_interval(0, 10) == pytest.approx((0.0, 0.27753), abs=1e-4)
+    assert sweep.wilson_interval(5, 10) == pytest.approx((0.23659, 0.76341), abs=1e-4)
+    assert sweep.wilson_interval(24, 24) == pytest.approx((0.86202, 1.0), abs=1e-4)
+    with pytest.raises(ValueError):
+        sweep.wilson_interval(0, 0)
+
+
+def test_bootstrap_intervals_pair_with_the_full_cache():
+    full = {"a": {i: float(i % 4 != 0) for i in range(24)}, "b": {i: float(i % 2) for i in range(24)}}
+    same = sweep.bootstrap_intervals(full, full)
+    assert same["ratio_ci95"] == pytest.approx([1.0, 1.0])  # paired draws: a configuration equal to full is exactly 100%
+    mean = (18 / 24 + 12 / 24) / 2
+    assert same["mean_ci95"][0] < mean < same["mean_ci95"][1]
+    worse = {"a": {i: float(i % 8 == 1) for i in range(24)}, "b": dict(full["b"])}
+    ci = sweep.bootstrap_intervals(worse, full)
+    assert ci["ratio_ci95"][1] < 1.0 and ci["mean_ci95"][1] < same["mean_ci95"][1]
+    assert "ratio_ci95" not in sweep.bootstrap_intervals(worse, None)
+
+
+def test_kvpress_summary_pairs_samples_and_names_the_best_press():
+    from kvcache.eval import kvpress_compare
+
+    def row(lib, policy, keep, task, scores):
+        samples = [{"doc_id": i, "score": s, "prompt_sha256": f"{task}{i}"} for i, s in enumerate(scores)]
+        return {"library": lib, "policy": policy, "keep": keep, "task": task, "n": len(scores), "samples": samples,
+                "score": sum(scores) / len(scores), "decode_tok_s": None, "kv_bytes": None}
+
+    ours = [row("kvcache", "full", 1.0, "t", [1, 1, 1, 1]), row("kvcache", "snapkv", 0.25, "t", [1, 1, 1, 0]),
+            row("kvcache", "tova", 0.25, "t", [1, 0, 0, 0])]
+    theirs = [row("kvpress", "full", 1.0, "t", [1, 1, 1, 1]), row("kvpress", "snapkv", 0.25, "t", [0, 0, 1, 0]),
+              row("kvpress", "tova", 0.25, "t", [1, 1, 0, 0])]
+    result = {"tasks": ["t"], "kvcache": {"rows": ours}, "kvpress": {"rows": theirs}}
+    summary = kvpress_compare.summarise(result)
+    by = {(s["policy"], s["keep"]): s for s in summary["pairs"]}
+    assert by[("full", 1.0)]["diff"] == 0 and by[("full", 1.0)]["diff_ci95"] == [0.0, 0.0]
+    assert by[("snapkv", 0.25)]["diff"] == pytest.approx(0.5) and by[("snapkv", 0.25)]["same_prompts"]
+    lo, hi = by[("snapkv", 0.25)]["diff_ci95"]
+    assert (lo, hi) == (0.0, 1.0)  # differences 1, 1, 0, 0: a draw of all 0s or all 1s has probability 1/16 > 2.5%
+    assert summary["best_at_keep"]["0.25"] == {"kvpress_best": "TOVAPress", "kvpress_best_mean": 0.5,
+                                               "kvcache_best": "snapkv", "kvcache_best_mean": 0.75}
+    assert "| snapkv / SnapKVPress | 0.25 | 0.750 | 0.250 | +0.500" in kvpress_compare.markdown_table(result)
