@@ -222,19 +222,24 @@ def test_decode_policies_stay_bounded(llm, prompts, policy):
     assert runner_stats["compactions"] >= 1 + 40 // k - 1
 
 
-def test_preemption_recomputes_and_frees_everything(llm, prompts):
-    """A tiny pool and many growing requests force preemption; every request completes and no block leaks."""
+@pytest.mark.parametrize("admission", ["optimistic", "reserve"])
+def test_preemption_recomputes_and_frees_everything(llm, prompts, admission):
+    """A tiny pool and many growing requests: vLLM's own (optimistic) admission overflows the pool and
+    preempts; kv_admission=reserve admits only what the pool holds at the requests' planned growth and
+    never preempts. Either way every request completes and no block leaks."""
     from vllm import SamplingParams
 
-    inprocess = configure(llm, kv_policy="snapkv", kv_budget=0.5, kv_chunk_evict=False)
+    inprocess = configure(llm, kv_policy="snapkv", kv_budget=0.5, kv_chunk_evict=False, kv_admission=admission)
     sched = inprocess.scheduler(llm)
     initial = inprocess.free_blocks(llm)
+    preempted_before = sched.kv_stats["preemptions"]
     for i in range(6):
         llm.llm_engine.add_request(f"pre-{i}", {"prompt_token_ids": prompts[0]}, SamplingParams(temperature=0, max_tokens=90, ignore_eos=True))
     finished = step_until_done(llm, lambda: None)
     assert sorted(finished) == [f"pre-{i}" for i in range(6)]  # outputs carry the external ids
     assert all(len(t) == 90 for t in finished.values())
-    assert sched.kv_stats["preemptions"] > 0
+    preemptions = sched.kv_stats["preemptions"] - preempted_before
+    assert preemptions > 0 if admission == "optimistic" else preemptions == 0
     assert inprocess.free_blocks(llm) == initial
 
 
@@ -243,6 +248,10 @@ def test_preemption_recomputes_and_frees_everything(llm, prompts):
     # attend only to the kept tokens of the first, so it is off here.
     {"kv_policy": "snapkv", "kv_budget": 0.25, "kv_chunk_evict": False},
     {"kv_policy": "streaming", "kv_budget": 0.25, "kv_recompact_every": 1, "kv_chunk_evict": False},
+    # expected-attention with its defaults weights by ||v||: the worker must pass the kept values
+    {"kv_policy": "expected-attention", "kv_budget": 0.25, "kv_chunk_evict": False},
+    {"kv_policy": "knorm", "kv_budget": 0.25, "kv_chunk_evict": False},
+    {"kv_policy": "tova", "kv_budget": 0.25, "kv_recompact_every": 1, "kv_chunk_evict": False},
 ])
 def test_same_tokens_as_the_hf_adapter(llm, prompts, settings):
     """The plugin evicts what the Hugging Face adapter evicts: same registry policy, same selector, so

@@ -1,22 +1,23 @@
 """Every layer's paged KV cache addressed as one tensor, so a request is compacted in a handful of ops.
 
-vLLM allocates the KV cache of a cache group as one buffer and hands each layer a view
-``[num_blocks, H_kv, block_size, 2 * D]`` into it (on CPU: per (block, head) a key tile of
-``block_size * D`` elements, then a value tile; :mod:`~kvcache.engine_adapters.vllm.layout` learns how
-a tile orders its elements). When the layer views sit at a constant distance in the same storage, as
-they do in vLLM 0.32, :class:`StackedKV` views the whole group as ``[L, num_blocks, H_kv, block_size, D]``
-for keys and for values (``as_strided``, no copy) and every read or move is one indexing op over all
-layers and heads. Tiles whose layout is not an affine map of (token, dim) are indexed element-wise
-through the learned permutation; layers that do not share a storage are handled one view each.
+vLLM allocates the KV cache of a cache group as one buffer and hands each layer a view into it. The
+learned :class:`~kvcache.engine_adapters.vllm.layout.KVLayout` says where (block, KV head, token, dim)
+of keys and values sit in a layer's view, whatever the backend (CPU tiles, FlashAttention's NHD,
+FlashInfer's HND, layers inside blocks, the older ``(2, num_blocks, ...)`` caches). When the layer views
+sit at a constant distance in the same storage, as they do in vLLM 0.32, :class:`StackedKV` views the
+whole group as ``[L, num_blocks, H_kv, block_size, D]`` for keys and for values (``as_strided``, no copy)
+and every read or move is one indexing op over all layers and heads. Layouts that are no affine map of
+(token, dim) inside a (block, head) are indexed element-wise through the learned table; layers that do
+not share a storage are handled one view each.
 
 A compaction is then, for the whole request: read the keys of its first T physical slots
-(:meth:`StackedKV.read_keys`, ``[L, H_kv, T, D]``), score all layers in one ``policy.score`` call with the
-layers as the batch dimension, one ``select_keep``, and one :meth:`StackedKV.move` that copies the kept
-tokens' keys and values into the first C slots. :func:`compact_order` keeps the kept tokens in
-ascending slot order (prompt compactions, as the Hugging Face adapter does); :func:`fill_holes` moves
-only the kept tokens that sit past C into the slots of evicted ones (decode re-compactions: at most k
-tokens per layer and head move, the others stay where they are, as the HF adapter's in-place
-replacement does).
+(:meth:`StackedKV.read_keys`, ``[L, H_kv, T, D]``; the values too for a policy that weights by them),
+score all layers in one ``policy.score`` call with the layers as the batch dimension, one ``select_keep``,
+and one :meth:`StackedKV.move` that copies the kept tokens' keys and values into the first C slots.
+:func:`compact_order` keeps the kept tokens in ascending slot order (prompt compactions, as the Hugging
+Face adapter does); :func:`fill_holes` moves only the kept tokens that sit past C into the slots of
+evicted ones (decode re-compactions: at most k tokens per layer and head move, the others stay where
+they are, as the HF adapter's in-place replacement does).
 """
 
 from __future__ import annotations
@@ -25,19 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcache.engine_adapters.vllm.layout import TileLayout
-
-
-def affine_strides(perm: torch.Tensor, block_size: int, head_size: int) -> tuple[int, int] | None:
-    """``(token_stride, dim_stride)`` when ``perm[t * D + d] == t * token_stride + d * dim_stride``
-    (row-major tiles: ``(D, 1)``; transposed key tiles: ``(1, block_size)``), else None."""
-    grid = perm.view(block_size, head_size)
-    token_stride = int(grid[1, 0] - grid[0, 0]) if block_size > 1 else head_size
-    dim_stride = int(grid[0, 1] - grid[0, 0]) if head_size > 1 else 1
-    want = (
-        torch.arange(block_size)[:, None] * token_stride + torch.arange(head_size)[None, :] * dim_stride
-    )
-    return (token_stride, dim_stride) if int(grid[0, 0]) == 0 and torch.equal(grid, want) else None
+from kvcache.engine_adapters.vllm.layout import KVLayout, SideLayout
 
 
 @dataclass
@@ -46,42 +35,42 @@ class _Part:
 
     first: int
     count: int
-    keys: torch.Tensor  # [count, num_blocks, H, block_size, D] view, or [count, num_blocks, H, bs * D] flat tiles
+    keys: torch.Tensor  # [count, num_blocks, H, block_size, D] view, or [count, num_blocks, H, span] for a table layout
     values: torch.Tensor
 
 
 class StackedKV:
     """Keys and values of every layer of a KV cache group, addressed by (layer, KV head, physical slot)."""
 
-    def __init__(self, caches: list[torch.Tensor], layout: TileLayout) -> None:
+    def __init__(self, caches: list[torch.Tensor], layout: KVLayout) -> None:
         first = caches[0]
         self.block_size, self.head_size = layout.block_size, layout.head_size
-        self.num_layers, self.num_heads = len(caches), first.shape[1]
-        bs, d = self.block_size, self.head_size
+        self.num_layers, self.num_heads = len(caches), layout.num_heads
+        self.device = first.device
+        num_blocks = first.shape[layout.block_dim]
         for cache in caches:
-            if cache.dim() != 4 or cache.shape[2:] != (bs, 2 * d) or cache.stride()[2:] != (2 * d, 1):
+            if cache.shape != first.shape or cache.stride() != first.stride() or cache.dtype != first.dtype:
                 raise RuntimeError(
-                    f"kvcache: unexpected KV cache view {tuple(cache.shape)} strides {cache.stride()}; expected "
-                    f"[num_blocks, H_kv, {bs}, {2 * d}] with contiguous (block, head) tiles (vLLM's CPU backend)"
+                    f"kvcache: the layers' KV cache views differ ({tuple(first.shape)} {first.stride()} {first.dtype} vs "
+                    f"{tuple(cache.shape)} {cache.stride()} {cache.dtype}); the plugin needs one layout for all layers"
                 )
-        key_strides = affine_strides(layout.perm_k, bs, d)
-        value_strides = affine_strides(layout.perm_v, bs, d)
-        # element offsets of (token, dim) inside a tile, for layouts that are no affine map
-        self._key_table = None if key_strides else layout.perm_k.view(bs, d)
-        self._value_table = None if value_strides else layout.perm_v.view(bs, d)
+        # element offsets of (token, dim) inside a (block, head), for layouts that are no affine map
+        self._key_table = None if layout.key.affine else layout.key.table.to(self.device)
+        self._value_table = None if layout.value.affine else layout.value.table.to(self.device)
         self.parts = []
         for start, count, step in _runs(caches):
-            base = caches[start]
-            outer = (count, base.shape[0], base.shape[1])
-            outer_strides = (step, base.stride(0), base.stride(1))
-            offset = base.storage_offset()
-            views = []
-            for strides, extra in ((key_strides, 0), (value_strides, bs * d)):
-                if strides is None:
-                    views.append(base.as_strided(outer + (bs * d,), outer_strides + (1,), offset + extra))
-                else:
-                    views.append(base.as_strided(outer + (bs, d), outer_strides + strides, offset + extra))
+            offset = caches[start].storage_offset()
+            views = [self._view(caches[start], side, count, step, num_blocks, offset) for side in (layout.key, layout.value)]
             self.parts.append(_Part(start, count, views[0], views[1]))
+
+    def _view(self, base: torch.Tensor, side: SideLayout, count: int, step: int, num_blocks: int, offset: int) -> torch.Tensor:
+        outer = (count, num_blocks, self.num_heads)
+        outer_strides = (step, side.block_stride, side.head_stride)
+        strides = side.affine
+        if strides is None:
+            span = int(side.table.max()) + 1
+            return base.as_strided(outer + (span,), outer_strides + (1,), offset + side.base)
+        return base.as_strided(outer + (self.block_size, self.head_size), outer_strides + strides, offset + side.base)
 
     # ------------------------------------------------------------------------------------------
     @staticmethod
@@ -100,23 +89,32 @@ class StackedKV:
     def read_keys(self, blocks: torch.Tensor, length: int) -> torch.Tensor:
         """Keys ``[L, H_kv, length, D]`` of the first ``length`` physical slots of a request whose block
         table is ``blocks`` (int64)."""
-        slots = torch.arange(length)
+        return self._read_prefix(blocks, length, values=False)
+
+    def read_values(self, blocks: torch.Tensor, length: int) -> torch.Tensor:
+        """Values ``[L, H_kv, length, D]`` of the first ``length`` physical slots (same layout as
+        :meth:`read_keys`; for policies that weight by ||v||, e.g. Expected Attention)."""
+        return self._read_prefix(blocks, length, values=True)
+
+    def _read_prefix(self, blocks: torch.Tensor, length: int, values: bool) -> torch.Tensor:
+        slots = torch.arange(length, device=self.device)
         block = blocks[slots // self.block_size][None, None]
         offset = (slots % self.block_size)[None, None]
-        head = torch.arange(self.num_heads)[None, :, None]
+        head = torch.arange(self.num_heads, device=self.device)[None, :, None]
+        table = self._value_table if values else self._key_table
         out = []
         for part in self.parts:
-            layer = torch.arange(part.count)[:, None, None]
-            out.append(self._get(part.keys, self._key_table, layer, block, head, offset))
+            layer = torch.arange(part.count, device=self.device)[:, None, None]
+            out.append(self._get(part.values if values else part.keys, table, layer, block, head, offset))
         return out[0] if len(out) == 1 else torch.cat(out)
 
     def read(self, blocks: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[L, H_kv, n, D]`` of the slots ``slots [L, H_kv, n]`` (different per layer and head)."""
         keys, values = [], []
-        head = torch.arange(self.num_heads)[None, :, None]
+        head = torch.arange(self.num_heads, device=self.device)[None, :, None]
         for part in self.parts:
             mine = slots[part.first : part.first + part.count]
-            layer = torch.arange(part.count)[:, None, None]
+            layer = torch.arange(part.count, device=self.device)[:, None, None]
             block, offset = blocks[mine // self.block_size], mine % self.block_size
             keys.append(self._get(part.keys, self._key_table, layer, block, head, offset))
             values.append(self._get(part.values, self._value_table, layer, block, head, offset))
@@ -129,7 +127,7 @@ class StackedKV:
         only the slots whose source differs are copied. Every source is read before any slot is written,
         so sources may be destinations of others. Returns the tokens moved (per layer and head, summed)."""
         capacity = source.shape[-1]
-        changed = source != torch.arange(capacity)
+        changed = source != torch.arange(capacity, device=source.device)
         layer, head, dest = changed.nonzero(as_tuple=True)
         if dest.numel() == 0:
             return 0
@@ -183,13 +181,13 @@ def fill_holes(keep: torch.Tensor, capacity: int) -> torch.Tensor:
     past C into the evicted slots below C, the i-th hole (ascending) taking the i-th such slot."""
     layers, heads, _ = keep.shape
     length = int(keep.max()) + 1 if keep.numel() else capacity
-    kept = torch.zeros(layers, heads, max(length, capacity), dtype=torch.bool)
+    kept = torch.zeros(layers, heads, max(length, capacity), dtype=torch.bool, device=keep.device)
     kept.scatter_(-1, keep, True)
     holes = ~kept[..., :capacity]
     tail = kept[..., capacity:]
-    positions = torch.arange(tail.shape[-1])
+    positions = torch.arange(tail.shape[-1], device=keep.device)
     # kept tail slots first, in ascending order (evicted ones sorted after them)
     movers = torch.where(tail, positions, tail.shape[-1] + positions).sort(dim=-1).values + capacity
     rank = (holes.cumsum(dim=-1) - 1).clamp_(min=0)
     filled = movers.gather(-1, rank.clamp(max=max(0, movers.shape[-1] - 1))) if movers.shape[-1] else rank
-    return torch.where(holes, filled, torch.arange(capacity))
+    return torch.where(holes, filled, torch.arange(capacity, device=keep.device))

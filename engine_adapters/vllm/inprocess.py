@@ -3,7 +3,9 @@
 With ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` vLLM runs the engine core and the (single) worker in the
 calling process, so the scheduler's block pool and the worker's state can be read directly, and the
 eviction settings can be swapped between runs without restarting the engine (one startup, the same KV
-pool for every configuration compared).
+pool for every configuration compared). With tensor parallelism the workers are processes of their own
+(one per rank); their state is reached through vLLM's ``collective_rpc`` (:func:`worker_stats`,
+:func:`reconfigure`).
 """
 
 from __future__ import annotations
@@ -30,8 +32,32 @@ def scheduler(llm: Any) -> Any:
 
 
 def model_runner(llm: Any) -> Any:
+    """The model runner of a single in-process worker (no tensor parallelism)."""
     executor = engine_core(llm).model_executor
-    return executor.driver_worker.worker.model_runner
+    driver = getattr(executor, "driver_worker", None)
+    if driver is None:
+        raise RuntimeError("the workers run in their own processes (tensor parallelism): use worker_stats(llm)")
+    return driver.worker.model_runner
+
+
+def _runner_of(worker: Any) -> Any:
+    return getattr(worker, "worker", worker).model_runner
+
+
+def _worker_kv_stats(worker: Any) -> dict[str, Any] | None:
+    state = getattr(_runner_of(worker), "_kvcache_state", None)
+    return None if not state else dict(state.stats)
+
+
+def _worker_reconfigure(worker: Any, settings: dict[str, Any] | None) -> None:
+    cfg = kvconfig.parse(settings or {})
+    _runner_of(worker)._kvcache_state = WorkerKV(cfg) if cfg is not None else None
+
+
+def worker_stats(llm: Any) -> list[dict[str, Any] | None]:
+    """Each rank's worker counters (compactions, tokens evicted, blocks released from its block table, ...),
+    rank order; None for a rank whose plugin is inert."""
+    return llm.collective_rpc(_worker_kv_stats)
 
 
 def free_blocks(llm: Any) -> int:
@@ -58,6 +84,5 @@ def reconfigure(llm: Any, additional_config: dict[str, Any] | None) -> None:
     sched.kv_cfg = cfg
     block_size = sched.kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
     sched.kv_planner = Planner(cfg, sched.kv_pool_tokens(), block_size) if cfg is not None else None
-    runner = model_runner(llm)
-    runner._kvcache_state = WorkerKV(cfg) if cfg is not None else None
+    llm.collective_rpc(_worker_reconfigure, args=(dict(additional_config) if cfg is not None else None,))
     sched.vllm_config.additional_config.update(cfg.as_dict() if cfg is not None else {"kv_policy": None})

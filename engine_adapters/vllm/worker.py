@@ -7,8 +7,10 @@ Seams in vLLM 0.32 (V1 model runner, ``vllm/v1/worker/gpu_model_runner.py``; the
   lowered by each request's shift and the slot mapping is recomputed from the physical positions
   (``BlockTable.compute_slot_mapping``), so new keys land right after the kept ones while RoPE still
   sees the logical position.
-* ``CPUAttentionBackendImpl.forward`` (``vllm/v1/attention/backends/cpu_attn.py``) receives the post-RoPE
-  queries; the rows the plan asks for are copied into one ``[L, rows, H_q, D]`` buffer (one row per layer).
+* ``AttentionImpl.forward`` of the backend the engine chose (``CPUAttentionBackendImpl`` on CPU;
+  FlashAttention, FlashInfer or Triton on GPU) receives the post-RoPE queries; the rows the plan asks for
+  are copied into one ``[L, rows, H_q, D]`` buffer (one row per layer). ``AttentionImpl.do_kv_cache_update``,
+  the backend's own cache write, is used once to learn the cache layout (:mod:`~kvcache.engine_adapters.vllm.layout`).
 * ``GPUModelRunner.execute_model`` — after the forward pass (the barrier), each planned request is
   compacted in every layer at once (:mod:`~kvcache.engine_adapters.vllm.compact`): its keys are read as
   ``[L, H_kv, T, D]``, all layers are scored in one ``policy.score`` call with the layers as the batch
@@ -36,7 +38,7 @@ import torch
 from kvcache.engine_adapters.vllm import config as kvconfig
 from kvcache.engine_adapters.vllm import metrics
 from kvcache.engine_adapters.vllm.compact import StackedKV, compact_order, fill_holes
-from kvcache.engine_adapters.vllm.layout import TileLayout, probe_tile_layout
+from kvcache.engine_adapters.vllm.layout import KVLayout, learn_kv_layout
 from kvcache.engine_adapters.vllm.plan import Compaction, StepPlan, plan_of
 from kvcache.evict.base import Observation
 from kvcache.plan import blocks_for
@@ -54,8 +56,11 @@ _CAPTURE: dict[str, Any] | None = None
 
 
 def patch_attention_impl(impl_cls: type) -> None:
-    """Wrap the backend's ``forward`` to copy the planned post-RoPE query rows of each layer."""
-    if getattr(impl_cls, "_kvcache_patched", False):
+    """Wrap an attention backend's ``forward(layer, query, key, value, kv_cache, attn_metadata, output, ...)``
+    (the signature every vLLM 0.32 backend shares) to copy the planned post-RoPE query rows of each layer.
+    Applied to the class of each layer's ``impl`` when the worker first meets its layers, so it follows
+    whichever backend the engine chose."""
+    if impl_cls.__dict__.get("_kvcache_patched", False):
         return
     original = impl_cls.forward
 
@@ -168,6 +173,12 @@ def patch_sampling(runner_cls: type) -> None:
     runner_cls._kvcache_sampling_patched = True
 
 
+def policy_reads_values(policy: Any) -> bool:
+    """Whether ``policy.score`` reads ``Observation.values`` (Expected Attention with ``use_vnorm``:
+    s_j = (a_j + epsilon) ||v_j||); the others score from queries, keys and positions only."""
+    return bool(getattr(policy, "use_vnorm", False))
+
+
 def worker_state(runner: Any) -> "WorkerKV | None":
     state = getattr(runner, "_kvcache_state", False)
     if state is False:
@@ -205,9 +216,14 @@ class WorkerKV:
         self.cfg = cfg
         self.policy = cfg.create_policy()
         self.requests: dict[str, RequestBuffers] = {}
-        self.layouts: dict[tuple, TileLayout] = {}
+        self.layouts: dict[tuple, KVLayout] = {}
         self.group: LayerGroup | None = None
-        self.stats = {"compactions": 0, "tokens_evicted": 0, "tokens_moved": 0, "capture_s": 0.0, "compact_s": 0.0}
+        # blocks_released: blocks dropped from this worker's block table rows (each tensor-parallel rank
+        # drops the same ones; the scheduler returns them to the pool once)
+        self.stats = {
+            "compactions": 0, "tokens_evicted": 0, "tokens_moved": 0, "blocks_released": 0, "capture_s": 0.0,
+            "compact_s": 0.0,
+        }
 
     def drop(self, req_ids: Any) -> None:
         for req_id in req_ids or ():
@@ -247,47 +263,64 @@ class WorkerKV:
             _CAPTURE = None
             return
         group = self._group(runner)
-        store = torch.empty(len(group.names), offset, group.num_heads, group.head_size, dtype=torch.float32)
-        _CAPTURE = {"rows": torch.cat(rows), "owners": owners, "store": store, "layers": group.index}
+        device = group.cache.device
+        store = torch.empty(len(group.names), offset, group.num_heads, group.head_size, dtype=torch.float32, device=device)
+        _CAPTURE = {"rows": torch.cat(rows).to(device), "owners": owners, "store": store, "layers": group.index}
 
     # ------------------------------------------------------------------------------------------
     def _group(self, runner: Any) -> LayerGroup:
+        """The attention layers of the KV cache group, their stacked caches and learned layout. Also wraps
+        the ``forward`` of whatever attention backend the engine chose, so the queries are captured there."""
         if self.group is None:
             names = list(runner.kv_cache_config.kv_cache_groups[0].layer_names)
             context = runner.compilation_config.static_forward_context
             layers = [context[name] for name in names]
             caches = [layer.kv_cache[0] if isinstance(layer.kv_cache, (list, tuple)) else layer.kv_cache for layer in layers]
-            shapes = {(layer.impl.num_heads, layer.impl.head_size, float(layer.impl.scale)) for layer in layers}
+            shapes = {
+                (layer.impl.num_heads, layer.impl.num_kv_heads, layer.impl.head_size, float(layer.impl.scale))
+                for layer in layers
+            }
             if len(shapes) != 1:
                 raise RuntimeError(
                     f"kvcache: the attention layers differ in heads, head size or softmax scale ({sorted(shapes)}); "
                     "the vLLM plugin scores all layers in one batch and needs them equal"
                 )
-            num_heads, head_size, scaling = shapes.pop()
-            layout = self._layout(layers[0], caches[0])
+            num_heads, num_kv_heads, head_size, scaling = shapes.pop()
+            for layer in layers:
+                patch_attention_impl(type(layer.impl))
+            block_size = runner.kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
+            layout = self._layout(layers[0], caches[0], runner.kv_cache_config.num_blocks, block_size, num_kv_heads)
             self.group = LayerGroup(
                 names, {name: i for i, name in enumerate(names)}, num_heads, head_size, scaling,
                 StackedKV(caches, layout),
             )
         return self.group
 
-    def _layout(self, layer: Any, kv_cache: torch.Tensor) -> TileLayout:
-        block_size = kv_cache.shape[2]
-        head_size = kv_cache.shape[3] // 2
-        isa = getattr(layer, "isa", None)
-        key = (isa, kv_cache.dtype, block_size, head_size)
-        if key not in self.layouts:
-            from vllm import _custom_ops as ops
-
-            def write(k, v, kc, vc, slots):
-                ops.cpu_attn_reshape_and_cache(k, v, kc, vc, slots, isa)
-
-            self.layouts[key] = probe_tile_layout(write, kv_cache.dtype, block_size, head_size)
-            logger.info(
-                "kvcache: learned KV tile layout for isa=%s dtype=%s block=%d: keys %s", isa, kv_cache.dtype,
-                block_size, "transposed/permuted" if self.layouts[key].transposed_keys else "row-major",
+    def _layout(self, layer: Any, kv_cache: torch.Tensor, num_blocks: int, block_size: int, num_kv_heads: int) -> KVLayout:
+        """Learn where keys and values sit in ``kv_cache`` by writing through the backend's own
+        ``do_kv_cache_update`` (:func:`~kvcache.engine_adapters.vllm.layout.probe_kv_layout`)."""
+        impl = layer.impl
+        key = (type(impl).__name__, getattr(layer, "isa", None), kv_cache.dtype, tuple(kv_cache.shape), kv_cache.stride())
+        if key in self.layouts:
+            return self.layouts[key]
+        if not hasattr(impl, "do_kv_cache_update"):
+            raise RuntimeError(
+                f"kvcache: the attention backend {type(impl).__name__} has no do_kv_cache_update, so the plugin cannot "
+                "learn its KV cache layout; use a backend that writes the cache separately from attention"
             )
-        return self.layouts[key]
+
+        def write(k, v, cache, slots):
+            impl.do_kv_cache_update(layer, k, v, cache, slots)
+
+        layout = learn_kv_layout(write, kv_cache, num_blocks, block_size, num_kv_heads, impl.head_size)
+        self.layouts[key] = layout
+        logger.info(
+            "kvcache: learned the KV cache layout of %s (isa=%s, %s, cache %s strides %s): keys %s, %s",
+            type(impl).__name__, getattr(layer, "isa", None), kv_cache.dtype, tuple(kv_cache.shape), kv_cache.stride(),
+            "transposed" if layout.transposed_keys else "token-major",
+            "strided" if layout.key.affine and layout.value.affine else "element-wise (no affine map)",
+        )
+        return layout
 
     def _store_captures(self, captured: dict[str, Any] | None, plan: StepPlan) -> None:
         if not captured:
@@ -297,7 +330,7 @@ class WorkerKV:
             buffers = self.requests.setdefault(req_id, RequestBuffers())
             if req_id in plan.decode_capture and not buffers.decode:
                 buffers.queries, buffers.query_pos, buffers.decode = None, None, True
-            positions = torch.arange(first_pos, first_pos + count)
+            positions = torch.arange(first_pos, first_pos + count, device=store.device)
             q = store[:, offset : offset + count].transpose(1, 2)  # [L, H_q, n, D]
             buffers.queries = q if buffers.queries is None else torch.cat([buffers.queries, q], dim=2)
             buffers.query_pos = positions if buffers.query_pos is None else torch.cat([buffers.query_pos, positions])
@@ -331,23 +364,27 @@ class WorkerKV:
         group = self._group(runner)
         cache = group.cache
         T = c.physical
-        blocks = torch.tensor(block_ids[: -(-T // cache.block_size)], dtype=torch.long)
+        device = cache.device
+        blocks = torch.tensor(block_ids[: -(-T // cache.block_size)], dtype=torch.long, device=device)
         keys = cache.read_keys(blocks, T)  # [L, H_kv, T, D]
         layers, h_kv = keys.shape[0], keys.shape[1]
         kept = buffers.slot_pos
         prefix = 0 if kept is None else kept.shape[-1]
-        fresh = torch.arange(c.logical - (T - prefix), c.logical).expand(layers, h_kv, -1)
+        fresh = torch.arange(c.logical - (T - prefix), c.logical, device=device).expand(layers, h_kv, -1)
         key_index = fresh if kept is None else torch.cat([kept, fresh], dim=-1)
         if observes:
             queries, query_pos = buffers.queries, buffers.query_pos
         else:  # scored from positions (or keys) alone: no queries were captured
             queries = keys.new_zeros(layers, group.num_heads, 0, group.head_size)
-            query_pos = torch.zeros(0, dtype=torch.long)
+            query_pos = torch.zeros(0, dtype=torch.long, device=device)
+        # values only for policies that weight by them (Expected Attention's ||v||): one more read of [L, H_kv, T, D]
+        values = cache.read_values(blocks, T) if policy_reads_values(self.policy) else None
         obs = Observation(
             queries=queries,
             keys=keys,
+            values=values,
             key_index=key_index,
-            key_valid=torch.ones(1, 1, 1, dtype=torch.bool).expand(layers, h_kv, T),
+            key_valid=torch.ones(1, 1, 1, dtype=torch.bool, device=device).expand(layers, h_kv, T),
             query_index=query_pos.expand(layers, -1),
             scaling=group.scaling,
             step=c.step,
@@ -356,9 +393,10 @@ class WorkerKV:
         every_step = self.policy.every_step
         scores = self.policy.score(obs, buffers.scores if every_step else None)  # [L, H_kv, T]
         protected = protected_slots(
-            key_index, torch.zeros(1, dtype=torch.long), torch.tensor([c.logical]), c.sinks, c.recent
+            key_index, torch.zeros(1, dtype=torch.long, device=device), torch.tensor([c.logical], device=device),
+            c.sinks, c.recent,
         )
-        keep, _ = select_keep(scores, obs.key_valid, protected, torch.tensor([c.target]), c.target, key_index)
+        keep, _ = select_keep(scores, obs.key_valid, protected, torch.tensor([c.target], device=device), c.target, key_index)
         # prompt compactions keep slot order; decode re-compactions refill the evicted slots in place
         source = fill_holes(keep, c.target) if c.phase == "decode" else compact_order(keep)
         self.stats["tokens_moved"] += cache.move(blocks, source)
@@ -367,6 +405,7 @@ class WorkerKV:
             buffers.scores = scores.gather(-1, source)
         # Trim the worker's block table to the blocks the kept tokens occupy (the scheduler frees the rest).
         n_keep = blocks_for(c.target, cache.block_size)
+        self.stats["blocks_released"] += max(0, len(block_ids) - n_keep)
         del block_ids[n_keep:]
         row = runner.input_batch.req_id_to_index.get(req_id)
         if row is not None:
