@@ -15,6 +15,8 @@
 * ``kv_attention``     attention backend of the adapter; default ``sdpa``.
 * ``kv_quant``         a ``quant`` codec name or spec (``none``, ``zipcache``, ``kivi``, ``kivi:bits=4``; default
                        ``none``): the kept tokens are stored quantised, composed with the eviction policy.
+* ``kv_prefill_chunk`` feed each prompt (generation prompt, loglikelihood context) this many tokens at a time and
+                       compress after every chunk: peak KV about budget + chunk per layer (default: one pass).
 * ``kv_ll_chunk``      loglikelihood: continuation tokens fed per forward pass after the context (default 1,
                        token by token as in decoding; larger is faster for long continuations).
 * ``kv_<param>``       any other ``kv_`` key is a parameter of the eviction policy, e.g. ``kv_window=0.2``
@@ -44,7 +46,10 @@ from kvcache.budget import parse_budget
 from kvcache.budget.heads import parse_head_budget
 from kvcache.registry import PolicyConfigError
 
-KV_KEYS = ("kv_policy", "kv_budget", "kv_layer_budget", "kv_head_budget", "kv_attention", "kv_quant", "kv_ll_chunk")
+KV_KEYS = (
+    "kv_policy", "kv_budget", "kv_layer_budget", "kv_head_budget", "kv_attention", "kv_quant", "kv_ll_chunk",
+    "kv_prefill_chunk",
+)
 
 
 class KVModelArgsError(PolicyConfigError):
@@ -72,6 +77,11 @@ def split_kv_args(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any
     chunk = kv.pop("kv_ll_chunk", 1)
     if not str(chunk).isdigit() or int(chunk) < 1:
         raise KVModelArgsError(f"kv_ll_chunk must be an int >= 1, got {chunk!r}")
+    prefill_chunk = kv.pop("kv_prefill_chunk", None)
+    if prefill_chunk is not None:
+        if not str(prefill_chunk).isdigit() or int(prefill_chunk) < 1:
+            raise KVModelArgsError(f"kv_prefill_chunk must be an int >= 1 (tokens per prompt chunk), got {prefill_chunk!r}")
+        prefill_chunk = int(prefill_chunk)
     policy_params = {k[3:]: v for k, v in kv.items()}
     if policy not in kvcache.names("evict") and ":" not in policy:
         raise KVModelArgsError(f"unknown kv_policy {policy!r}; valid: {', '.join(kvcache.names('evict'))}")
@@ -91,11 +101,19 @@ def split_kv_args(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any
             raise PolicyConfigError("kv_head_budget adaptive does not combine with kv_quant; use kv_head_budget=uniform")
         if isinstance(budget, int) and evict.compresses:
             evict.check_budget(budget)
+        if prefill_chunk is not None:
+            from kvcache.engine_adapters.hf.adapter import check_prefill_chunk
+            from kvcache.plan import KVPlan
+
+            plan = KVPlan(evict, budget, kvcache.create("budget", layer_budget))
+            check_prefill_chunk(plan, prefill_chunk, kvcache.create("quant", quant).registry_name, heads)
     except PolicyConfigError as err:
         raise KVModelArgsError(f"bad kv_* model_args: {err}") from err
     settings = dict(policy=policy, budget=budget, layer_budget=layer_budget, attention=attention, **policy_params)
     if heads.adaptive:
         settings["head_budget"] = heads.spec
+    if prefill_chunk is not None:
+        settings["prefill_chunk"] = prefill_chunk
     return {"settings": settings, "ll_chunk": int(chunk)}, kwargs
 
 

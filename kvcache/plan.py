@@ -12,6 +12,9 @@ Both adapters ask this module, never their own arithmetic:
 * :meth:`KVPlan.observed_queries` is how many of the prompt's last queries the policy scores with (its own
   declaration, :meth:`~kvcache.evict.base.EvictionPolicy.observed_prompt_queries`), capped where an engine
   cannot hold that many, and :meth:`KVPlan.observation_note` says when it is;
+* :meth:`KVPlan.check_prefill_chunk` validates a chunked prefill's chunk size, and
+  :meth:`KVPlan.prompt_chunk_scores` is how a prompt fed in chunks is scored after each chunk (every-query
+  policies accumulate each chunk's pooled votes; windowed and position/key policies re-score from the chunk);
 * :func:`blocks_for` rounds kept tokens up to an engine's cache blocks.
 
 The HF adapter turns these into per-sequence tensors; the vLLM scheduler into per-request compactions.
@@ -26,7 +29,8 @@ from typing import Any
 import torch
 
 from kvcache.budget.base import LayerBudget, check_budget, tokens_for
-from kvcache.evict.base import EvictionPolicy
+from kvcache.evict.base import EvictionPolicy, Observation, accumulate
+from kvcache.registry import PolicyConfigError
 
 UNLIMITED = 1 << 60  # a layer budget that never evicts (budget 1.0, or a prompt left uncompressed)
 
@@ -112,6 +116,46 @@ class KVPlan:
             f"{self.policy.registry_name} scores with every prompt query; this engine keeps the last {limit} of each "
             "prompt, so its prompt scores differ from the Hugging Face adapter's"
         )
+
+    # -- chunked prefill ---------------------------------------------------------------------------------
+    @property
+    def accumulates_prompt_chunks(self) -> bool:
+        """Whether a prompt fed in chunks carries its scores from chunk to chunk: policies where every prompt
+        query votes and scores accumulate over passes (H2O, Keyformer: S <- [S_prev, 0] + s_chunk). The others
+        re-score all held slots from each chunk alone: SnapKV and Expected Attention from the chunk's last w
+        queries (the chunk's tail, not the question at the prompt's end), TOVA from its last query,
+        StreamingLLM and KNorm from positions and keys (for those the result equals the one-shot prompt's)."""
+        return self.policy.every_step and self.policy.observed_prompt_queries(UNLIMITED) == UNLIMITED
+
+    def prompt_chunk_scores(self, obs: Observation, previous: torch.Tensor | None) -> torch.Tensor:
+        """Scores ``[B, H_kv, T]`` of every held slot after one chunk of a chunked prompt. Each chunk is scored as
+        a prompt pass (``policy.score(obs, None)``: H2O and Keyformer pool it as they pool a one-shot prompt);
+        accumulating policies add the kept slots' ``previous`` totals (:attr:`accumulates_prompt_chunks`)."""
+        fresh = self.policy.score(obs, None)
+        if previous is None or not self.accumulates_prompt_chunks:
+            return fresh
+        return accumulate(previous, fresh)
+
+    def check_prefill_chunk(self, chunk: int) -> None:
+        """Raise :class:`PolicyConfigError` when prompts cannot be fed ``chunk`` tokens at a time under this plan:
+        a chunk must be a positive int and, for a policy scoring with an observation window (SnapKV's w), at
+        least that window, so every chunk's scores see the full window."""
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise PolicyConfigError(f"prefill_chunk must be an int >= 1 (tokens per prompt chunk), got {chunk!r}")
+        if not self.policy.compresses:
+            return
+        window = self.policy.observed_prompt_queries(UNLIMITED)
+        if window < UNLIMITED and chunk < window:
+            raise PolicyConfigError(
+                f"prefill_chunk {chunk} is smaller than {self.policy.registry_name}'s observation window of {window} "
+                f"queries; use prefill_chunk >= {window} or a smaller window"
+            )
+        fixed = self.policy.window
+        if isinstance(fixed, int) and not isinstance(fixed, bool) and chunk < fixed:
+            raise PolicyConfigError(
+                f"prefill_chunk {chunk} is smaller than {self.policy.registry_name}'s protected recent window of "
+                f"{fixed} tokens; use prefill_chunk >= {fixed} or a smaller window"
+            )
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -3,11 +3,18 @@
 Inside the context the model's attention goes through :func:`policy_attention`, which attends over the
 layer's compacted slots and then lets the cache score and evict; ``generate`` and plain forward calls
 get a :class:`~kvcache.engine_adapters.hf.cache.PolicyCache`. Leaving the context restores the model.
+
+With ``prefill_chunk=N`` the model's decoder (``model.base_model``) feeds a prompt longer than N tokens N at a
+time into the policy cache, which scores and evicts after every chunk, so the cache holds at most every layer's
+budget plus one chunk (:func:`chunked_prompt_forward`); the hidden states of all chunks are joined, so
+``generate`` and plain forward calls see the output of one pass.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import types
 from typing import Any, Iterator
 
@@ -86,8 +93,10 @@ class KVSession:
         quant: Any = None,
         quant_name: str = "none",
         head_budget: HeadBudget | None = None,
+        prefill_chunk: int | None = None,
     ) -> None:
         self.model = model
+        self.prefill_chunk = prefill_chunk  # feed prompts this many tokens at a time (None: in one pass)
         self.head_budget = head_budget or HeadBudget()  # how a layer's budget splits over KV heads
         self.quant = quant  # a QuantCodec, or None for the dense cache
         self.quant_name = quant_name
@@ -121,6 +130,10 @@ class KVSession:
             previous = model.config._attn_implementation
             model.set_attn_implementation(ATTENTION_NAME)
             self._undo.append(lambda: model.set_attn_implementation(previous))
+        if self.prefill_chunk is not None:
+            decoder = model.base_model
+            decoder.forward = chunked_prompt_forward(self, decoder, decoder.forward)
+            self._undo.append(lambda: delattr(decoder, "forward"))
         handle = model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
         self._undo.append(handle.remove)
         model.generate = types.MethodType(_generate_with_policy, model)
@@ -182,7 +195,7 @@ class KVSession:
         if layer.all_full_precision():  # nothing quantised yet (a prompt pass): the dense kernel on the buffer
             out = attend(query, layer.store.fp_k, layer.store.fp_v, self._visibility(layer, q), scaling, self.backend)
         else:  # block by block over the packed codes, never the whole cache dequantised
-            visible = layer.visible(q)
+            visible = None if q == 1 and layer.all_valid else layer.visible(q)  # a decode query sees every slot
             out, lse = attend_packed(query, layer.store, visible, scaling, return_lse=True)
         evictions = layer.evictions
         probs = None  # this step's probabilities over the packed cache, shared by eviction scoring and saliency
@@ -214,6 +227,8 @@ class KVSession:
         plan = cache.plan
         return {
             "kv_bytes": cache.nbytes(),
+            "peak_kv_bytes": cache.peak_nbytes,
+            "prefill_chunk": self.prefill_chunk,
             "quant": self.quant_name,
             "head_budget": self.head_budget.spec,
             "bookkeeping_bytes": cache.bookkeeping_nbytes(),
@@ -249,6 +264,87 @@ def _gptj_attn(self: torch.nn.Module, query, key, value, attention_mask=None):
     return out, None
 
 
+CHUNKED_KWARGS = ("attention_mask", "position_ids", "cache_position", "token_type_ids")
+
+
+def chunked_prompt_forward(session: KVSession, decoder: torch.nn.Module, forward: Any) -> Any:
+    """``decoder.forward`` feeding a prompt ``session.prefill_chunk`` tokens at a time into a policy cache.
+
+    A pass is chunked when its cache is a :class:`PolicyCache` holding nothing yet and it brings more than
+    one chunk; other passes (decode steps, continuations of a filled cache, passes without a policy cache)
+    run unchanged. Before the first chunk the cache fixes every sequence's budget from the whole prompt
+    (:meth:`PolicyCache.begin_prompt`). Chunk ``[a, b)`` gets ``input_ids``/``inputs_embeds``, ``position_ids``,
+    ``cache_position`` and ``token_type_ids`` sliced to ``[a, b)`` and the 2-D ``attention_mask`` to ``[:b]``
+    (every position so far, left padding included), exactly what ``generate``'s own chunked prefill passes. The
+    output is the last chunk's, with ``last_hidden_state`` (and ``hidden_states``, when asked) joined over the
+    chunks, so the LM head sees the same shapes as after one pass."""
+    signature = inspect.signature(forward)
+    cache_name = cache_arg(decoder)
+
+    @functools.wraps(forward)
+    def chunked(*args: Any, **kwargs: Any) -> Any:
+        if args:  # bind positional arguments to their names
+            bound = signature.bind_partial(*args, **kwargs)
+            kwargs = {}
+            for name, value in bound.arguments.items():
+                if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+                    kwargs.update(value)
+                else:
+                    kwargs[name] = value
+        chunk = session.prefill_chunk
+        cache = take_cache(kwargs, decoder)
+        tokens = kwargs.get("input_ids")
+        source = "input_ids" if tokens is not None else "inputs_embeds"
+        tokens = kwargs.get(source)
+        if (
+            chunk is None
+            or tokens is None
+            or not isinstance(cache, PolicyCache)
+            or cache.get_seq_length() != 0
+            or tokens.shape[1] <= chunk
+        ):
+            return forward(**kwargs)
+        batch, length = tokens.shape[0], tokens.shape[1]
+        mask = kwargs.get("attention_mask")
+        if mask is not None and (mask.dim() != 2 or mask.shape[1] != length):
+            raise PolicyConfigError(
+                f"prefill_chunk needs a 2-D attention_mask [batch, prompt length] on the prompt pass, got shape "
+                f"{tuple(mask.shape)}; pass the tokenizer's attention_mask, or drop prefill_chunk for custom masks"
+            )
+        if kwargs.get("output_attentions"):
+            raise PolicyConfigError("output_attentions is not available with prefill_chunk; drop one of them")
+        cache.begin_prompt(mask, batch, length, tokens.device)
+        hidden, layers_hidden, out = [], [], None
+        for start in range(0, length, chunk):
+            stop = min(length, start + chunk)
+            part = dict(kwargs)
+            part[source] = tokens[:, start:stop]
+            for name in CHUNKED_KWARGS:
+                value = kwargs.get(name)
+                if value is None:
+                    continue
+                if name == "attention_mask":
+                    part[name] = value[:, :stop]
+                elif name == "cache_position":
+                    part[name] = value[start:stop]
+                else:
+                    part[name] = value[..., start:stop]
+            out = forward(**part)
+            hidden.append(out[0])
+            states = out.hidden_states if hasattr(out, "hidden_states") else None
+            if states is not None:
+                layers_hidden.append(states)
+        joined = torch.cat(hidden, dim=1)
+        if isinstance(out, tuple):
+            return (joined, *out[1:])
+        out.last_hidden_state = joined
+        if layers_hidden:
+            out.hidden_states = tuple(torch.cat(per_layer, dim=1) for per_layer in zip(*layers_hidden))
+        return out
+
+    return chunked
+
+
 def _generate_with_policy(self: torch.nn.Module, *args: Any, **kwargs: Any):
     """``model.generate`` with a fresh policy cache per call (the request's own state)."""
     session: KVSession = self._kvcache_session_root
@@ -261,6 +357,26 @@ def _generate_with_policy(self: torch.nn.Module, *args: Any, **kwargs: Any):
     return type(self).generate(self, *args, **kwargs)
 
 
+def check_prefill_chunk(plan: KVPlan, chunk: int, quant_name: str = "none", heads: HeadBudget | None = None) -> None:
+    """Raise :class:`PolicyConfigError` for a ``prefill_chunk`` this adapter cannot run (see :func:`kv_policy`)."""
+    plan.check_prefill_chunk(chunk)
+    if quant_name != "none":
+        raise PolicyConfigError(
+            f"prefill_chunk with quant {quant_name!r} is not supported yet (later chunks would attend over and "
+            "re-score the quantised store); use quant=None with prefill_chunk, or drop prefill_chunk"
+        )
+    if heads is not None and heads.adaptive and plan.policy.compresses:
+        raise PolicyConfigError(
+            f"prefill_chunk with head_budget {heads.spec!r} is not supported yet (Ada-KV splits a layer's budget "
+            "once, at the prompt); use head_budget='uniform' with prefill_chunk, or drop prefill_chunk"
+        )
+    if plan.layer_budget is not None and plan.layer_budget.cascading and plan.policy.compresses:
+        raise PolicyConfigError(
+            f"prefill_chunk with layer_budget {plan.layer_budget.registry_name!r} is not supported (it sets layer "
+            "budgets from the whole prompt's attention, which chunks never see at once); use uniform or pyramid"
+        )
+
+
 @contextlib.contextmanager
 def kv_policy(
     model: torch.nn.Module,
@@ -271,6 +387,7 @@ def kv_policy(
     attention: str = "sdpa",
     quant: str | dict | None = None,
     head_budget: str | dict | HeadBudget = "uniform",
+    prefill_chunk: int | None = None,
     **policy_params: Any,
 ) -> Iterator[KVSession]:
     """Install a KV policy on ``model`` for the duration of the ``with`` block.
@@ -284,6 +401,12 @@ def kv_policy(
     ``head_budget`` splits each layer's budget over its KV heads: ``"uniform"`` (every head keeps C) or
     ``"adaptive"`` / ``"adaptive:alpha=0.2"`` (Ada-KV, :mod:`kvcache.budget.heads`; each head holds only its
     own kept tokens, :mod:`kvcache.engine_adapters.hf.ragged`).
+    ``prefill_chunk`` (tokens) feeds each prompt in chunks of that many tokens and compresses the cache after
+    every chunk, so the cache peaks at every layer's budget plus one chunk (a one-pass prompt: plus the whole
+    prompt in the layer being fed, and activations that scale with the prompt); budgets are still fractions of
+    the whole prompt. Scores differ from one pass: SnapKV observes each chunk's last w queries
+    (not the question at the prompt's end); H2O and Keyformer add every chunk's votes, cast over the slots still
+    held. ``None`` (default) runs the prompt in one pass.
 
     >>> with kv_policy(model, "keyformer", budget=0.5) as session:
     ...     out = model.generate(**inputs, max_new_tokens=64)
@@ -311,8 +434,11 @@ def kv_policy(
             f"head_budget {heads.spec!r} with quant {quant_name!r} is not supported: the quantised store keeps one "
             "slot count for all KV heads; use head_budget='uniform' with quant, or quant=None with adaptive heads"
         )
+    layer_budget_policy = kvcache.create("budget", layer_budget)
+    if prefill_chunk is not None:
+        check_prefill_chunk(KVPlan(evict, budget, layer_budget_policy), prefill_chunk, quant_name, heads)
     session = KVSession(
-        model, evict, kvcache.create("budget", layer_budget), budget, attention, codec, quant_name, heads
+        model, evict, layer_budget_policy, budget, attention, codec, quant_name, heads, prefill_chunk
     )
     if getattr(model, "_kvcache_session_root", None) is not None:
         raise PolicyConfigError("this model already has a KV policy installed; nest kv_policy contexts one model at a time")

@@ -12,6 +12,14 @@ and its budget in tokens (``budget_tokens``). Whether attention needs a mask, wh
 budget, the in-place replacement path and the kept capacity are all decided from them. The only reads
 left are once per forward pass, not per layer: the real tokens of a pass whose mask has padding
 (:meth:`PolicyCache.pass_real_tokens`) and, at the prompt pass, the budgets.
+
+Chunked prefill (``kv_policy(..., prefill_chunk=N)``): the adapter feeds a long prompt N tokens at a time
+and calls :meth:`PolicyCache.begin_prompt` first, so budgets are fixed from the whole prompt; every chunk is
+then scored (:meth:`kvcache.plan.KVPlan.prompt_chunk_scores`) and evicted back to the budget: between chunks
+every layer holds its budget C, and the layer being fed C plus one chunk. (A one-pass prompt also evicts layer
+by layer, but the layer being fed holds the whole prompt, and the pass's activations scale with it.)
+``peak_nbytes`` records the largest total the layers' K/V tensors held (after every append and every
+eviction; the copy inside one layer's append or eviction is not counted).
 """
 
 from __future__ import annotations
@@ -106,6 +114,7 @@ class PolicyLayer(CacheLayerMixin):
         self.heads_aligned = True  # every KV head holds the same slots in sequence order
         self.real_tokens: list[int] = []  # host mirror of valid.sum(-1) per sequence (equal for every KV head)
         self.new_real: list[int] = []  # of those, how many came with the last pass
+        self.counted_nbytes = 0  # this layer's bytes in the cache's running total (PolicyCache.peak_nbytes)
 
     # -- storage -------------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -218,6 +227,9 @@ class PolicyLayer(CacheLayerMixin):
         valid = torch.zeros(*slots.shape[:2], kept + headroom, dtype=torch.bool, device=self.device)
         valid[:, :, :kept] = self.valid.gather(2, slots) & slot_valid
         self._valid = valid
+        # an empty slot (a sequence keeping fewer than the batch's widest) holds no position: -1 sorts it before
+        # every real token, as left padding, so pooling along positions never puts it between two kept tokens
+        self._index[:, :, :kept].masked_fill_(~valid[:, :, :kept], -1)
         self.length = kept
         self.heads_aligned = False
 
@@ -387,10 +399,48 @@ class PolicyCache(Cache):
         self.plan = plan
         self.codec = codec
         self._pass_real: tuple[int, list[int]] | None = None  # (tokens seen after the pass, its real tokens)
+        self.prompt_end: int | None = None  # chunked prefill: logical length at the end of the prompt
+        self.held_nbytes = 0  # K/V bytes the layers hold now (running total)
+        self.peak_nbytes = 0  # the most they held at once, after any append or eviction
 
     def reset(self) -> None:
         super().reset()
         self._pass_real = None
+        self.prompt_end = None
+        self.held_nbytes = self.peak_nbytes = 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        self._count_bytes(self.layers[layer_idx])
+        return out
+
+    def _count_bytes(self, layer: PolicyLayer) -> None:
+        """Bring ``layer``'s share of the running byte total up to date (host arithmetic, no device read)."""
+        now = layer.nbytes()
+        self.held_nbytes += now - layer.counted_nbytes
+        layer.counted_nbytes = now
+        self.peak_nbytes = max(self.peak_nbytes, self.held_nbytes)
+
+    def begin_prompt(
+        self, attention_mask: torch.Tensor | None, batch: int, prompt_tokens: int, device: torch.device
+    ) -> None:
+        """Before the first chunk of a prompt of ``prompt_tokens`` positions (padding included): fix each
+        sequence's budget from its whole prompt (``attention_mask [B, prompt_tokens]``, 1 for real tokens, or
+        None: no padding), as a one-shot prompt pass does from its own mask. One host read per prompt."""
+        positions = torch.arange(prompt_tokens, device=device)
+        if attention_mask is None:
+            real = [prompt_tokens] * batch
+            first = torch.zeros(batch, dtype=torch.long, device=device)
+        else:
+            valid = attention_mask.to(device=device, dtype=torch.bool)
+            real = valid.sum(dim=-1).tolist()
+            first = torch.where(valid, positions, prompt_tokens).min(dim=-1).values
+        self.plan.start(real, first)
+        self.prompt_end = prompt_tokens
+
+    def _mid_prompt(self, layer: PolicyLayer) -> bool:
+        """A chunk of a chunked prompt that is not its last has just been appended to ``layer``."""
+        return self.prompt_end is not None and layer.seen < self.prompt_end
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
@@ -424,7 +474,8 @@ class PolicyCache(Cache):
             first = torch.where(valid_new, layer.index[:, 0, -q:], layer.seen).min(dim=-1).values
             plan.start(layer.new_real, first)
         first_pass = layer.budget is None
-        if not (first_pass or plan.policy.every_step):  # nothing to score or evict at this pass
+        prompt_chunk = self.prompt_end is not None and layer.seen <= self.prompt_end  # chunked prefill
+        if not (first_pass or prompt_chunk or plan.policy.every_step):  # nothing to score or evict at this pass
             layer.passes += 1
             return
         key_index, key_valid = layer.index, layer.valid
@@ -445,11 +496,16 @@ class PolicyCache(Cache):
             values=layer.values if probabilities is None else None,
         )
         previous = None if first_pass else layer.scores[:, :, : layer.length - q]
-        layer._scores[:, :, : layer.length] = plan.policy.score(obs, previous)
+        if prompt_chunk:
+            layer._scores[:, :, : layer.length] = plan.plan.prompt_chunk_scores(obs, previous)
+        else:
+            layer._scores[:, :, : layer.length] = plan.policy.score(obs, previous)
         if first_pass:
             self._first_budget(layer_idx, obs)
         self._evict(layer, q)
-        layer.passes += 1
+        self._count_bytes(layer)
+        if not self._mid_prompt(layer):  # every chunk of a prompt is step 0, as the one-shot prompt pass
+            layer.passes += 1
 
     def _first_budget(self, layer_idx: int, obs: Observation) -> None:
         """Set layer ``layer_idx``'s budget at its first pass (CAKE: and shrink the layers before it)."""
@@ -469,6 +525,7 @@ class PolicyCache(Cache):
             previous_layer: PolicyLayer = self.layers[earlier]
             self._set_budget(previous_layer, budgets[earlier], budget_tokens[earlier])
             self._evict(previous_layer, 0)
+            self._count_bytes(previous_layer)
         self._set_budget(self.layers[layer_idx], budgets[layer_idx], budget_tokens[layer_idx])
 
     def _set_budget(self, layer: PolicyLayer, budget: torch.Tensor, budget_tokens: list[int]) -> None:
@@ -491,7 +548,9 @@ class PolicyCache(Cache):
         if q == 1 and not layer.heads_aligned and self._replace_one(layer, protected):
             return
         kept = [min(n, c) for n, c in zip(layer.real_tokens, layer.budget_tokens)]
-        headroom = 1 if plan.policy.every_step else 0
+        # no room is reserved for a prompt's next chunk: the layers hold C each between chunks, and only the one
+        # layer being fed holds C + chunk (it grows on the append), so the cache peaks at L * C + chunk tokens
+        headroom = 1 if plan.policy.every_step and not self._mid_prompt(layer) else 0
         slots, slot_valid = select_keep(layer.scores, layer.valid, protected, layer.budget, max(kept), layer.index)
         layer.keep(slots, slot_valid, headroom)
         layer.real_tokens = kept

@@ -8,6 +8,9 @@ after generation, ``kv_bytes_full`` from a full-cache run of the same prompt in 
 (skip it with ``--no-full``), kept tokens per layer, prefill seconds and decode tokens/s. ``--kv-quant``
 stores the kept tokens quantised (``zipcache``, ``kivi``, ``kivi:bits=4``; JSON ``kv_quant``).
 ``--kv-head-budget adaptive`` splits each layer's budget over its KV heads (Ada-KV; JSON ``kv_head_budget``).
+``--kv-prefill-chunk N`` feeds the prompt N tokens at a time and compresses after each chunk (JSON
+``kv_prefill_chunk``); ``kv_peak_bytes`` is the most the policy cache held at once (``kv_bytes_full`` is the
+full cache's, whose peak is its final size).
 """
 
 from __future__ import annotations
@@ -101,12 +104,15 @@ def run_generation(
     with_full: bool = True,
     quant: str | None = None,
     head_budget: str = "uniform",
+    prefill_chunk: int | None = None,
 ) -> dict[str, Any]:
     """Generate under the policy (and, if ``with_full``, with the unmodified model); measured figures."""
     from kvcache.engine_adapters.hf import kv_policy
 
     inputs = encode(tokenizer, prompt, chat, assistant_prefix)
-    with kv_policy(model, policy, budget, layer_budget=layer_budget, quant=quant, head_budget=head_budget) as session:
+    with kv_policy(
+        model, policy, budget, layer_budget=layer_budget, quant=quant, head_budget=head_budget, prefill_chunk=prefill_chunk
+    ) as session:
         result = timed_generate(model, tokenizer, inputs, max_new_tokens, sample, seed)
         stats = session.stats()
     result.update(
@@ -115,6 +121,8 @@ def run_generation(
         layer_budget=layer_budget,
         kv_quant=quant or "none",
         kv_head_budget=stats["head_budget"],
+        kv_prefill_chunk=prefill_chunk,
+        kv_peak_bytes=stats["peak_kv_bytes"],
         kept_tokens_per_layer=[round(t, 2) for t in stats["kept_tokens_per_layer"]],
         bookkeeping_bytes=stats["bookkeeping_bytes"],
         compressed=not stats["uncompressed_sequences"],
@@ -141,6 +149,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-layer-budget", default="uniform", help="uniform, pyramid or cake")
     parser.add_argument(
         "--kv-head-budget", default="uniform", help="split of a layer's budget over KV heads: uniform, adaptive (Ada-KV), 'adaptive:alpha=0.2'"
+    )
+    parser.add_argument(
+        "--kv-prefill-chunk", type=int, default=None, metavar="N",
+        help="feed the prompt N tokens at a time and compress after each chunk (peak KV ~ budget + N)",
     )
     parser.add_argument("--kv-quant", default="none", help="store kept tokens quantised: none, zipcache, kivi, 'kivi:bits=4'")
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -176,11 +188,20 @@ def run(args: argparse.Namespace) -> int:
     from kvcache.budget.heads import parse_head_budget
 
     parse_head_budget(args.kv_head_budget)
+    if args.kv_prefill_chunk is not None:  # a bad chunk fails here too, before the model loads
+        from kvcache.engine_adapters.hf.adapter import check_prefill_chunk
+        from kvcache.plan import KVPlan
+
+        check_prefill_chunk(
+            KVPlan(kvcache.create("evict", args.kv_policy), budget, kvcache.create("budget", args.kv_layer_budget)),
+            args.kv_prefill_chunk, kvcache.create("quant", args.kv_quant).registry_name, parse_head_budget(args.kv_head_budget),
+        )
     model, tokenizer = load_model(args.model)
     result = run_generation(
         model, tokenizer, prompt, policy=args.kv_policy, budget=budget, layer_budget=args.kv_layer_budget,
         max_new_tokens=args.max_new_tokens, chat=args.chat, sample=args.sample, seed=args.seed,
         with_full=not args.no_full, quant=args.kv_quant, head_budget=args.kv_head_budget,
+        prefill_chunk=args.kv_prefill_chunk,
     )
     if args.json:
         print(json.dumps(result, indent=2))
@@ -191,7 +212,9 @@ def run(args: argparse.Namespace) -> int:
     full = f" (full cache: {result['kv_bytes_full'] / 2**20:.1f} MiB)" if result["kv_bytes_full"] else ""
     print(
         f"\n[{args.kv_policy} @ {budget}{'' if args.kv_quant == 'none' else ' + ' + args.kv_quant}"
-        f"{'' if result['kv_head_budget'] == 'uniform' else ', heads ' + result['kv_head_budget']}] prompt {result['prompt_tokens']} tokens, KV {result['kv_bytes'] / 2**20:.1f} MiB"
+        f"{'' if result['kv_head_budget'] == 'uniform' else ', heads ' + result['kv_head_budget']}"
+        f"{'' if args.kv_prefill_chunk is None else f', prefill chunk {args.kv_prefill_chunk}'}] prompt {result['prompt_tokens']} tokens, "
+        f"KV {result['kv_bytes'] / 2**20:.1f} MiB (peak {result['kv_peak_bytes'] / 2**20:.1f} MiB)"
         f"{full}, prefill {result['prefill_s']:.2f}s, decode {result['decode_tokens_per_s']} tok/s",
         file=sys.stderr,
     )
