@@ -8,6 +8,10 @@ compression ratio against a 16-bit cache of the same tokens, relative RMS error 
 error of decode attention over the packed cache against fp32 attention over the original K/V, and then
 ``attend_packed`` time against dense ``scaled_dot_product_attention`` for a few cache lengths.
 Output is JSON (stdout or ``--output``).
+
+With ``--decode-model`` it measures instead what a user sees: decode tokens/s of a real model through the
+HF adapter, the dense cache against each codec, alternating runs with median and spread
+(:func:`decode_speed`).
 """
 
 from __future__ import annotations
@@ -46,6 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="also measure errors on a real model's KV (e.g. smollm2-135m; loaded offline)")
     parser.add_argument("--model-tokens", type=int, default=2048, help="prompt tokens for --model")
     parser.add_argument("--output", help="write JSON here instead of stdout")
+    parser.add_argument("--decode-model", help="instead: decode tok/s of a real model (e.g. smollm2-135m) through the HF adapter, "
+                        "dense cache vs --decode-codecs, alternating runs")
+    parser.add_argument("--decode-codecs", nargs="+", default=["zipcache"], help="quant specs for --decode-model")
+    parser.add_argument("--decode-prompt", type=int, default=1024, help="prompt tokens for --decode-model")
+    parser.add_argument("--decode-batches", nargs="+", type=int, default=[1, 4], help="batch sizes for --decode-model")
+    parser.add_argument("--decode-new-tokens", type=int, default=32, help="tokens generated per run (the first is the prompt pass)")
 
 
 def synthetic_kv(kv_heads: int, tokens: int, head_dim: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,18 +228,90 @@ def model_errors(args: argparse.Namespace) -> dict[str, object]:
     return out
 
 
+def _greedy(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, cache: object) -> tuple[float, float, torch.Tensor]:
+    """Prompt pass + ``new_tokens - 1`` greedy steps: (prompt seconds, decode seconds, the generated ids)."""
+    from kvcache.engine_adapters.hf.compat import with_cache
+
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        start = time.perf_counter()
+        out = model(**with_cache(model, cache, input_ids=ids, attention_mask=mask, use_cache=True))
+        token = out.logits[:, -1:].argmax(-1)
+        first = time.perf_counter()
+        generated = [token]
+        for _ in range(new_tokens - 1):
+            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+            out = model(**with_cache(model, cache, input_ids=token, attention_mask=mask, use_cache=True))
+            token = out.logits[:, -1:].argmax(-1)
+            generated.append(token)
+        end = time.perf_counter()
+    return first - start, end - first, torch.cat(generated, 1)
+
+
+def decode_speed(args: argparse.Namespace) -> dict[str, object]:
+    """Decode tokens/s of the dense cache and of each codec (policy ``full``: every token kept, stored by the
+    codec) on a real model, through the HF adapter. Per batch size the caches run in turn, ``--repeats``
+    rounds, in one process (so every ratio compares runs minutes apart on the same machine state); reported
+    per cache: every run, the median and the min-max, the ratio of medians against the dense cache, the
+    bytes held and the greedy tokens of the first run. Load averages are recorded before and after."""
+    import contextlib
+    import os
+    from types import SimpleNamespace
+
+    from transformers import DynamicCache
+
+    from kvcache.engine_adapters.hf import kv_policy
+    from kvcache.eval.bench import load, prompts
+
+    model, tokenizer = load(SimpleNamespace(model=args.decode_model, dtype=None, device="cpu"))
+    caches = ["full", *args.decode_codecs]
+    result: dict[str, object] = {"model": args.decode_model, "prompt_tokens": args.decode_prompt,
+                                 "new_tokens": args.decode_new_tokens, "repeats": args.repeats,
+                                 "loadavg_before": list(os.getloadavg())}
+    cells = []
+    for batch in args.decode_batches:
+        ids = prompts(tokenizer, args.decode_prompt, batch)
+        runs: dict[str, list[tuple[float, float]]] = {c: [] for c in caches}
+        held: dict[str, int] = {}
+        tokens: dict[str, list[list[int]]] = {}
+        for _ in range(args.repeats):
+            for spec in caches:
+                context = contextlib.nullcontext() if spec == "full" else kv_policy(model, "full", quant=spec)
+                with context as session:
+                    cache = DynamicCache(config=model.config) if session is None else session.new_cache(args.decode_new_tokens)
+                    prompt_s, decode_s, generated = _greedy(model, ids, args.decode_new_tokens, cache)
+                    if session is not None:
+                        held[spec] = int(session.stats()["kv_bytes"])
+                runs[spec].append((prompt_s, batch * (args.decode_new_tokens - 1) / decode_s))
+                tokens.setdefault(spec, generated.tolist())
+        dense = statistics.median(rate for _, rate in runs["full"])
+        for spec in caches:
+            rates = [rate for _, rate in runs[spec]]
+            median = statistics.median(rates)
+            cells.append({"batch": batch, "cache": spec, "decode_tok_s": rates, "decode_tok_s_median": median,
+                          "decode_tok_s_min": min(rates), "decode_tok_s_max": max(rates),
+                          "ratio_vs_full": median / dense, "prompt_s_median": statistics.median(p for p, _ in runs[spec]),
+                          "kv_bytes": held.get(spec), "tokens": tokens[spec]})
+    result["cells"] = cells
+    result["loadavg_after"] = list(os.getloadavg())
+    return result
+
+
 def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    result = {
-        "machine": machine(),
-        "kv_heads": args.kv_heads,
-        "query_heads": args.query_heads,
-        "memory_and_error": memory_and_error(args),
-        "speed_decode_one_query": speed(args),
-    }
-    if args.model:
-        result["real_model"] = model_errors(args)
+    result: dict[str, object] = {"machine": machine()}
+    if args.decode_model:
+        result["decode"] = decode_speed(args)
+    else:
+        result.update({
+            "kv_heads": args.kv_heads,
+            "query_heads": args.query_heads,
+            "memory_and_error": memory_and_error(args),
+            "speed_decode_one_query": speed(args),
+        })
+        if args.model:
+            result["real_model"] = model_errors(args)
     text = json.dumps(result, indent=2)
     if args.output:
         with open(args.output, "w") as f:

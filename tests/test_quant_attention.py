@@ -85,6 +85,39 @@ def test_attend_packed_equals_reference_over_dequantised(
     torch.testing.assert_close(probs.double(), reference(query, keys, torch.eye(t).expand(b, h_kv, t, t), mask, scaling), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("spec", ["kivi:residual=4,group_size=4", "zipcache:streaming_gap=5", "zipcache:streaming_gap=5,ratio=0.5,low_key_bits=2"])
+@pytest.mark.parametrize("mask_kind", ["none", "keys"])
+def test_attention_after_decode_removals_that_leave_padding_rows(spec: str, mask_kind: str) -> None:
+    """Decode-time eviction (``KVStore.remove``, one victim per head per step, as H2O does) is sized from the
+    host's bounds, so heads that lost tokens from different regions leave padding rows: attention, its
+    probabilities and the dequantised cache still equal the reference over exactly the kept tokens, and no
+    region ever holds more rows than slots."""
+    gen = torch.Generator().manual_seed(3)
+    store = _filled_store(spec, 2, 2, 24, 0, 1)
+    kept_k, kept_v = store.dequantize()
+    for step in range(14):
+        k, v = torch.randn(2, 2, 1, D, generator=gen), torch.randn(2, 2, 1, D, generator=gen)
+        store.append(k, v, torch.rand(2, 2, store.num_tokens + 1, generator=gen))
+        before_k, before_v = store.dequantize()  # bit for bit what the store holds, buffer included
+        victim = torch.randint(0, store.num_tokens - 1, (2, 2, 1), generator=gen)
+        store.remove(victim)
+        others = torch.stack([torch.arange(store.num_tokens + 1)] * 4).reshape(2, 2, -1)
+        others = others[others != victim].reshape(2, 2, store.num_tokens)  # the kept slots, in order
+        kept_k = before_k.gather(2, others[..., None].expand(-1, -1, -1, D))
+        kept_v = before_v.gather(2, others[..., None].expand(-1, -1, -1, D))
+        now_k, now_v = store.dequantize()
+        assert torch.equal(now_k, kept_k) and torch.equal(now_v, kept_v)
+        assert all(tier.rows <= store.num_tokens for tier in store.tiers) and store.fp_rows <= store.num_tokens + 1
+    assert not store.exact  # padding rows really were left behind
+    t = store.num_tokens
+    mask = None if mask_kind == "none" else torch.rand(2, 2, t, generator=gen) > 0.3
+    query = torch.randn(2, 4, 1, D, generator=gen)
+    out, lse = attend_packed(query, store, mask, 0.3, block_size=8, return_lse=True)
+    torch.testing.assert_close(out.double(), reference(query, kept_k, kept_v, mask, 0.3), atol=1e-5, rtol=1e-5)
+    probs = packed_probabilities(query, store, mask, 0.3, block_size=8, lse=lse)
+    torch.testing.assert_close(probs.double(), reference(query, kept_k, torch.eye(t).expand(2, 2, t, t), mask, 0.3), atol=1e-5, rtol=1e-5)
+
+
 def test_blocks_never_exceed_block_size_and_cover_every_token() -> None:
     store = _filled_store("zipcache:streaming_gap=10", 1, 2, 95, 7, 0)
     sizes = [block.keys.shape[2] for block in store.blocks(block_size=16)]

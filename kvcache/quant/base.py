@@ -68,8 +68,11 @@ class QuantCodec(abc.ABC):
                 )
 
     @abc.abstractmethod
-    def flush_count(self, fp_count: torch.Tensor) -> torch.Tensor:
-        """Given the buffered full-precision tokens per head ``[B, H]``, how many of the oldest to quantise now."""
+    def flush_rows(self, least: int, most: int) -> int:
+        """How many of the oldest buffered full-precision tokens to quantise now, per head, decided on the
+        host from bounds the store keeps without reading the device: every head buffers between ``least``
+        and ``most`` tokens (equal when the store knows the count exactly). Each head quantises
+        ``min(returned, its buffered tokens)``; 0 quantises nothing."""
 
     @abc.abstractmethod
     def encode(

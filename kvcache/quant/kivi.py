@@ -54,10 +54,11 @@ class KIVI(QuantCodec):
     def _quantized_tokens(self, buffered: int) -> int:
         return max(0, (buffered - self.residual) // self.group_size) * self.group_size
 
-    def flush_count(self, fp_count: torch.Tensor) -> torch.Tensor:
+    def flush_rows(self, least: int, most: int) -> int:
         # Heads may hold different numbers of buffered tokens after eviction: move the same whole
-        # groups for all of them, so every key group has exactly G tokens.
-        return torch.full_like(fp_count, self._quantized_tokens(int(fp_count.min())))
+        # groups for all of them (as many as the head buffering the fewest can give), so every key
+        # group has exactly G tokens.
+        return self._quantized_tokens(least)
 
     def encode(
         self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, saliency: torch.Tensor | None

@@ -23,8 +23,8 @@ class NoQuant(QuantCodec):
     def value_group(self, head_dim: int) -> int:
         return head_dim
 
-    def flush_count(self, fp_count: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(fp_count)
+    def flush_rows(self, least: int, most: int) -> int:
+        return 0
 
     def encode(
         self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, saliency: torch.Tensor | None

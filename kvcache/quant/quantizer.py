@@ -43,12 +43,23 @@ def _round_outward(x: torch.Tensor, dtype: torch.dtype, up: bool) -> torch.Tenso
     return torch.where(wrong, torch.nextafter(rounded, towards), rounded)
 
 
+def check_on_device(ok: torch.Tensor, message: str) -> None:
+    """Raise ``ValueError(message)`` unless the one-element bool tensor ``ok`` is True, without a host read:
+    ``torch._assert_async`` is a device-side assertion on CUDA (no synchronisation; a failure surfaces at
+    the next synchronisation) and checks at once on CPU, where its error is re-raised as ``ValueError``."""
+    try:
+        torch._assert_async(ok, message)
+    except RuntimeError as exc:
+        if message in str(exc):
+            raise ValueError(message) from None
+        raise
+
+
 def _check_finite(t: torch.Tensor, scale_dtype: torch.dtype) -> None:
-    if not torch.isfinite(t).all():
-        raise ValueError(
-            f"quantisation parameters overflow {scale_dtype} (inputs too large or not finite); "
-            "use scale_dtype='float32'"
-        )
+    check_on_device(
+        torch.isfinite(t).all(),
+        f"quantisation parameters overflow {scale_dtype} (inputs too large or not finite); use scale_dtype='float32'",
+    )
 
 
 def minmax_params(

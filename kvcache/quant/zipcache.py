@@ -88,10 +88,9 @@ class ZipCache(QuantCodec):
     def value_group(self, head_dim: int) -> int:
         return head_dim
 
-    def flush_count(self, fp_count: torch.Tensor) -> torch.Tensor:
-        if int(fp_count.max()) >= self.streaming_gap:
-            return fp_count.clone()
-        return torch.zeros_like(fp_count)
+    def flush_rows(self, least: int, most: int) -> int:
+        # the whole buffer once the longest head's (an upper bound after decode-time eviction) reaches the gap
+        return most if most >= self.streaming_gap else 0
 
     def low_count(self, tokens: torch.Tensor) -> torch.Tensor:
         """Regular (low-bit) tokens among ``tokens`` quantised together: ``floor(r * n)``."""
@@ -107,16 +106,21 @@ class ZipCache(QuantCodec):
         low = valid & (rank < n_low[..., None])
         high = valid & ~low
         tiers = [
-            self._encode_set(keys, values, members, key_bits, bits)
-            for members, key_bits, bits in ((low, self.low_key_bits, self.low_bits), (high, self.high_bits, self.high_bits))
+            self._encode_set(keys, values, members, key_bits, bits, is_high)
+            for members, key_bits, bits, is_high in (
+                (low, self.low_key_bits, self.low_bits, False), (high, self.high_bits, self.high_bits, True)
+            )
         ]
         return tiers, high
 
     def _encode_set(
-        self, keys: torch.Tensor, values: torch.Tensor, members: torch.Tensor, key_bits: int, bits: int
+        self, keys: torch.Tensor, values: torch.Tensor, members: torch.Tensor, key_bits: int, bits: int, high: bool
     ) -> TierRows | None:
-        order, count = compaction(members)
-        n = order.shape[-1]
+        """One set's rows; its row count is the host bound of the longest head's members (``m`` rows being
+        quantised: ``floor(r * m)`` regular, the rest salient; ``floor(r * n)`` is monotone in ``n`` and so is
+        ``n - floor(r * n)``, so a head with fewer real rows never holds more)."""
+        n = members.shape[-1] - math.floor(members.shape[-1] * self.ratio) if high else math.floor(members.shape[-1] * self.ratio)
+        order, count = compaction(members, n)
         if n == 0:
             return None
         valid = rows_below(count, n)[..., None]
