@@ -54,7 +54,7 @@ def test_policy_installs_scheduler_and_turns_prefix_caching_off():
     ({"async_scheduling": True}, "async scheduling"),
     ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2}}, "speculative decoding"),
     ({"kv_cache_dtype": "fp8"}, "kv-cache-dtype"),
-    ({"tensor_parallel_size": 2}, "tensor/pipeline parallelism"),
+    ({"pipeline_parallel_size": 2}, "pipeline parallelism"),
     ({"decode_context_parallel_size": 2}, "context parallelism"),
     ({"enforce_eager": False, "_kvcache_eager_refused": True}, "--no-enforce-eager"),
     ({"scheduler_cls": "my.Scheduler"}, "--scheduler-cls"),
@@ -68,6 +68,12 @@ def test_fences_fail_at_launch_with_the_fix(kwargs, message):
     with pytest.raises(KVPluginError, match="cannot run with") as err:
         plugin.prepare_engine_args(engine_args)
     assert message in str(err.value)
+
+
+def test_tensor_parallelism_is_accepted():
+    """Each rank holds a shard of the KV heads and follows the same plan (tests/test_vllm_tp.py runs it)."""
+    engine_args = EngineArgs(model="m", enforce_eager=True, tensor_parallel_size=2, additional_config={"kv_policy": "snapkv"})
+    assert plugin.prepare_engine_args(engine_args).policy_name == "snapkv"
 
 
 def test_eager_mode_is_turned_on_by_the_plugin(caplog):

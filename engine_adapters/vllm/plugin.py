@@ -9,9 +9,10 @@ before it parses arguments. The plugin is inert unless ``additional_config`` car
   (with the fix in the message), turns prefix caching off by default and installs the scheduler
   subclass :class:`kvcache.engine_adapters.vllm.scheduler.KVCacheScheduler`.
 * When vLLM's V1 model runner module is imported (in the worker process) its input preparation and
-  step are wrapped (:mod:`kvcache.engine_adapters.vllm.worker`), and the CPU attention backend's ``forward``
-  captures post-RoPE queries. Patching happens lazily through an import hook so that processes that
-  never run a model do not import the model runner.
+  step are wrapped (:mod:`kvcache.engine_adapters.vllm.worker`); patching happens lazily through an
+  import hook so that processes that never run a model do not import the model runner. The attention
+  backend the engine chose is wrapped when the worker first meets its layers (query capture), and its
+  KV cache layout is learned from its own cache-write op.
 """
 
 from __future__ import annotations
@@ -159,8 +160,8 @@ def prepare_engine_args(engine_args: Any) -> kvconfig.KVPluginConfig | None:
         problems.append("KV offloading (--kv-offloading-size): drop it")
     if (engine_args.decode_context_parallel_size or 1) > 1 or (engine_args.prefill_context_parallel_size or 1) > 1:
         problems.append("context parallelism: use --decode-context-parallel-size 1 --prefill-context-parallel-size 1")
-    if (engine_args.pipeline_parallel_size or 1) > 1 or (engine_args.tensor_parallel_size or 1) > 1:
-        problems.append("tensor/pipeline parallelism is not validated yet: use one worker (-tp 1 -pp 1)")
+    if (engine_args.pipeline_parallel_size or 1) > 1:
+        problems.append("pipeline parallelism is not validated yet: use -pp 1 (tensor parallelism, -tp N, works)")
     if (engine_args.data_parallel_size or 1) > 1:
         problems.append("data parallelism is not validated yet: use --data-parallel-size 1")
     if str(engine_args.kv_cache_dtype) not in ("auto",):
@@ -206,8 +207,10 @@ def check_vllm_config(vllm_config: Any) -> None:
                 "runner the plugin hooks into"
             )
         problems.append(
-            f"device {vllm_config.device_config.device_type!r}: query capture and the KV tile layout are implemented "
-            "for vLLM's CPU attention backend (CPU_ATTN) only so far; on GPU use the Hugging Face adapter"
+            f"device {vllm_config.device_config.device_type!r}: query capture and the KV cache layout are backend-"
+            "independent (learned from the backend's own cache write) and tested on CPU tensors in the GPU backends' "
+            "layouts, but the plugin has not yet been run on a GPU, so it is fenced off there; on GPU use the Hugging "
+            "Face adapter (kvcache.engine_adapters.hf) for now"
         )
     if vllm_config.scheduler_config.async_scheduling:
         problems.append("async scheduling (pass --no-async-scheduling)")
@@ -272,12 +275,6 @@ def _repoint_engine_core(module: Any) -> None:
         module.get_kv_cache_configs = utils.get_kv_cache_configs
 
 
-def _patch_cpu_attention(module: Any) -> None:
-    from kvcache.engine_adapters.vllm import worker
-
-    worker.patch_attention_impl(module.CPUAttentionBackendImpl)
-
-
 class _PatchingLoader(importlib.abc.Loader):
     def __init__(self, loader: importlib.abc.Loader, hook: Callable[[Any], None]) -> None:
         self._loader = loader
@@ -308,7 +305,6 @@ class _PatchingFinder(importlib.abc.MetaPathFinder):
 
 def _install_import_hooks() -> None:
     _HOOKS["vllm.v1.worker.gpu_model_runner"] = _patch_model_runner
-    _HOOKS["vllm.v1.attention.backends.cpu_attn"] = _patch_cpu_attention
     _HOOKS["vllm.v1.core.kv_cache_utils"] = _patch_kv_cache_utils
     _HOOKS["vllm.v1.engine.core"] = _repoint_engine_core
     for name, hook in _HOOKS.items():
