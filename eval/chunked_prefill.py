@@ -149,6 +149,10 @@ def memory(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
 def accuracy(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from lm_eval import simple_evaluate
@@ -193,8 +197,8 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
         data["rows"].append({
             "policy": policy, "budget": budget, "prefill_chunk": chunk, "tasks": tasks,
             "mean": sum(t["score"] for t in tasks.values()) / max(1, len(tasks)),
-            "mean_peak_kv_bytes": sum(s["peak_kv_bytes"] for s in stats) / len(stats) if stats else None,
-            "mean_prompt_tokens": sum(sum(s["prompt_tokens"]) / len(s["prompt_tokens"]) for s in stats) / len(stats) if stats else None,
+            "mean_peak_kv_bytes": _mean([s["peak_kv_bytes"] for s in stats]),
+            "mean_prompt_tokens": _mean([sum(s["prompt_tokens"]) / len(s["prompt_tokens"]) for s in stats if s.get("prompt_tokens")]),
             "seconds": round(time.perf_counter() - start, 1),
         })
         args.out.parent.mkdir(parents=True, exist_ok=True)
