@@ -109,3 +109,21 @@ def test_launcher_parses_vllm_serve_arguments():
     assert args.kv_policy == "snapkv" and args.kv_budget == "0.25"
     assert args.gpu_memory_utilization == 0.5  # CPU default of the launcher
     assert AsyncEngineArgs.from_cli_args(args).additional_config["kv_policy"] == "snapkv"
+
+
+def test_gpu_is_fenced_with_implemented_but_not_yet_run():
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(
+        is_encoder_decoder=False, is_hybrid=False, has_inner_state=False, runner_type="generate",
+        is_multimodal_model=False, get_sliding_window=lambda: None,
+    )
+    vllm_config = SimpleNamespace(
+        model_config=model, device_config=SimpleNamespace(device_type="cuda"), use_v2_model_runner=False,
+        scheduler_config=SimpleNamespace(async_scheduling=False), cache_config=SimpleNamespace(enable_prefix_caching=False),
+    )
+    with pytest.raises(KVPluginError, match="not yet been run on a GPU") as err:
+        plugin.check_vllm_config(vllm_config)
+    assert "tested on CPU tensors in the GPU backends' layouts" in str(err.value)
+    vllm_config.device_config.device_type = "cpu"
+    plugin.check_vllm_config(vllm_config)  # the CPU backend passes

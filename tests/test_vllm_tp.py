@@ -142,6 +142,7 @@ def test_every_rank_compacts_and_releases_the_blocks_the_scheduler_frees(runs):
             assert sched["compactions"] >= len(prompt_lens)
             assert sched["blocks_freed"] >= prompt_blocks - kept_blocks > 0
             for stats in ranks:  # each rank trimmed its block tables by exactly what the scheduler freed
+                assert (stats["kv_heads"], stats["query_heads"]) == (2 // tp, 6 // tp)  # its shard of the heads
                 assert stats["compactions"] == sched["compactions"]
                 assert stats["blocks_released"] == sched["blocks_freed"]
                 assert stats["tokens_evicted"] == sched["tokens_evicted"]

@@ -46,7 +46,12 @@ def _runner_of(worker: Any) -> Any:
 
 def _worker_kv_stats(worker: Any) -> dict[str, Any] | None:
     state = getattr(_runner_of(worker), "_kvcache_state", None)
-    return None if not state else dict(state.stats)
+    if not state:
+        return None
+    stats = dict(state.stats)
+    if state.group is not None:  # this rank's shard of the heads
+        stats["query_heads"], stats["kv_heads"] = state.group.num_heads, state.group.cache.num_heads
+    return stats
 
 
 def _worker_reconfigure(worker: Any, settings: dict[str, Any] | None) -> None:

@@ -173,6 +173,16 @@ def patch_sampling(runner_cls: type) -> None:
     runner_cls._kvcache_sampling_patched = True
 
 
+def first_rank() -> bool:
+    """Whether this worker is tensor-parallel rank 0 (or the only worker)."""
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        return get_tensor_model_parallel_rank() == 0
+    except (ImportError, AssertionError, AttributeError):  # no parallel state: a single worker
+        return True
+
+
 def policy_reads_values(policy: Any) -> bool:
     """Whether ``policy.score`` reads ``Observation.values`` (Expected Attention with ``use_vnorm``:
     s_j = (a_j + epsilon) ||v_j||); the others score from queries, keys and positions only."""
@@ -350,7 +360,8 @@ class WorkerKV:
         end = time.perf_counter()
         self.stats["capture_s"] += middle - start
         self.stats["compact_s"] += end - middle
-        metrics.count("compaction_seconds", end - start, metrics.labels_for(runner.vllm_config, self.cfg.policy_name))
+        if first_rank():  # every tensor-parallel rank compacts its shard at the same time: count the step once
+            metrics.count("compaction_seconds", end - start, metrics.labels_for(runner.vllm_config, self.cfg.policy_name))
 
     @torch.no_grad()
     def _compact(self, runner: Any, req_id: str, c: Compaction) -> None:
