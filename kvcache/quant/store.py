@@ -357,10 +357,13 @@ class KVStore:
             )
         keys = keys.to(device=self.device, dtype=self.buffer_dtype)
         values = values.to(device=self.device, dtype=self.buffer_dtype)
-        exact = self.fp_least == self.fp_rows
-        new_count = torch.full_like(self.fp_count, t)
-        self._fp_k = append_rows(self._fp_k, self.fp_count, keys, new_count, exact)
-        self._fp_v = append_rows(self._fp_v, self.fp_count, values, new_count, exact)
+        if self._fp_k is None or self._fp_v is None or self.fp_least == self.fp_rows:  # no padding: concatenate
+            self._fp_k = keys if self._fp_k is None else torch.cat([self._fp_k, keys], 2)
+            self._fp_v = values if self._fp_v is None else torch.cat([self._fp_v, values], 2)
+        else:
+            new_count = torch.full_like(self.fp_count, t)
+            self._fp_k = append_rows(self._fp_k, self.fp_count, keys, new_count)
+            self._fp_v = append_rows(self._fp_v, self.fp_count, values, new_count)
         self.fp_count = self.fp_count + t
         self.fp_least += t
         self.num_tokens += t
