@@ -283,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-timing", action="store_true", help="skip the first-sample speed runs (accuracy only)")
     p.add_argument("--kvcache-from", type=Path, default=None,
                    help="take kvcache's rows from this sweep.json (kvcache sweep --batch-size 1, same tasks and samples)")
+    p.add_argument("--collect", action="store_true",
+                   help="run nothing: summarise the rows already in --out (rows_kvpress.jsonl, rows_kvcache.jsonl or --kvcache-from)")
     p.add_argument("--kvpress-python", default=str(ROOT / ".venv-kvpress" / "bin" / "python"))
     p.add_argument("--out", type=Path, default=Path("results/kvpress"))
     a = p.parse_args(argv)
@@ -312,15 +314,22 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"model": a.model, "keep": a.keep, "tasks": a.tasks, "limit": a.limit, "machine": machine("cpu")}
     if a.kvcache_from:
         result["kvcache"] = rows_from_sweep(a.kvcache_from, a.tasks, a.limit, a.keep, a.policies)
+    elif a.collect:
+        result["kvcache"] = {"side": "kvcache", "rows": _read_rows(a.out / "rows_kvcache.jsonl", a.limit)}
     else:
         result["kvcache"] = run_side("kvcache", path, a.tasks, a.limit, a.keep, a.policies, a.threads, not a.no_timing,
                                      a.out / "rows_kvcache.jsonl")
-    proc = subprocess.run([a.kvpress_python, "-m", "kvcache.eval.kvpress_compare", "--side", "kvpress", *common], cwd=ROOT,
-                          capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        raise SystemExit(f"kvpress side failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    result["kvpress"] = json.loads(lines[-1][7:])
+    if a.collect:
+        code = "import importlib.metadata as m, json; print(json.dumps({n: m.version(n) for n in ('torch', 'transformers', 'kvpress')}))"
+        versions = json.loads(subprocess.run([a.kvpress_python, "-c", code], capture_output=True, text=True, check=True).stdout)
+        result["kvpress"] = {"side": "kvpress", "rows": _read_rows(a.out / "rows_kvpress.jsonl", a.limit), "versions": versions}
+    else:
+        proc = subprocess.run([a.kvpress_python, "-m", "kvcache.eval.kvpress_compare", "--side", "kvpress", *common], cwd=ROOT,
+                              capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            raise SystemExit(f"kvpress side failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        result["kvpress"] = json.loads(lines[-1][7:])
     result["summary"] = summarise(result)
     result["cpu_seconds_total"] = round(sum(r.get("cpu_seconds") or 0.0 for side in ("kvcache", "kvpress") for r in result[side]["rows"]), 1)
     (a.out / "kvpress.json").write_text(json.dumps(result, indent=1))
