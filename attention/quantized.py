@@ -145,6 +145,11 @@ def from_fields(y: torch.Tensor) -> torch.Tensor:
     return y.movedim(0, -1).flatten(-2)
 
 
+def _rows(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` of ``[B, H, N, ...]`` (the tensor itself when that is all of them)."""
+    return x if start == 0 and stop == x.shape[2] else x[:, :, start:stop]
+
+
 def _tier_logits(grouped: torch.Tensor, tier: PackedTier, start: int, stop: int) -> torch.Tensor:
     """Logits ``[B, H, R, n]`` of the stacked queries ``grouped`` ``[B, H, R, D]`` against tier rows ``start:stop``,
     with the key dequantisation folded into the queries (KIVI per-channel keys, ZipCache's channel-wise keys):
@@ -155,17 +160,19 @@ def _tier_logits(grouped: torch.Tensor, tier: PackedTier, start: int, stop: int)
     batched; a few groups as one matmul against every group's scaled query; else scales gathered per row)."""
     b, h, r, d = grouped.shape
     bits = tier.key_bits
-    codes = unpack_fields(tier.k_codes[:, :, start:stop], bits)  # [F, B, H, n, M]
+    codes = unpack_fields(_rows(tier.k_codes, start, stop), bits)  # [F, B, H, n, M]
     n = codes.shape[3]
     scale, zero = tier.k_scale, tier.k_zero
     groups = scale.shape[2]
     g = tier.group_rows
-    if groups == 1 or (g and start % g == 0 and n % g == 0):
-        first, last = (0, 1) if groups == 1 else (start // g, start // g + n // g)
+    if groups == 1:  # one scale/zero per channel for every row: (q * s) against the codes, plus q . z
+        q_zero = torch.matmul(grouped, zero[:, :, 0, :, None].float())  # [B, H, R, 1]
+        q_scaled = to_fields(grouped * scale[:, :, 0:1].float(), bits)
+        return torch.matmul(q_scaled, codes.transpose(-1, -2)).sum(0).add_(q_zero)
+    if g and start % g == 0 and n % g == 0:
+        first, last = start // g, start // g + n // g
         q_scaled = grouped[:, :, None] * scale[:, :, first:last, None].float()  # [B, H, P, R, D]
         q_zero = (grouped[:, :, None] * zero[:, :, first:last, None].float()).sum(-1, keepdim=True)  # [B, H, P, R, 1]
-        if groups == 1:
-            return torch.matmul(to_fields(q_scaled[:, :, 0], bits), codes.transpose(-1, -2)).sum(0) + q_zero[:, :, 0]
         per_group = codes.unflatten(3, (last - first, g)).transpose(-1, -2)  # [F, B, H, P, M, g]
         per_group = torch.matmul(to_fields(q_scaled, bits), per_group).sum(0) + q_zero  # [B, H, P, R, g]
         return per_group.transpose(2, 3).reshape(b, h, r, n)
@@ -189,9 +196,9 @@ def _tier_values(probs: torch.Tensor, tier: PackedTier, start: int, stop: int) -
     normaliser ``chan_p``): ``sum_j p_j chan_p (c_j s_j + z_j) = chan_p ((p * s) @ c + p @ z)``."""
     b, h, r, n = probs.shape
     bits = tier.bits
-    codes = unpack_fields(tier.v_codes[:, :, start:stop], bits)  # [F, B, H, n, M]
+    codes = unpack_fields(_rows(tier.v_codes, start, stop), bits)  # [F, B, H, n, M]
     d = codes.shape[0] * codes.shape[-1]
-    v_scale, v_zero = tier.v_scale[:, :, start:stop].float(), tier.v_zero[:, :, start:stop].float()
+    v_scale, v_zero = _rows(tier.v_scale, start, stop).float(), _rows(tier.v_zero, start, stop).float()
     chan = tier.v_chan
     groups = 1 if chan is None else chan.shape[2]
     if v_scale.shape[-1] > 1 or groups * r > FOLD_GROUPS_MAX:

@@ -6,6 +6,10 @@ of ``G`` channels. The most recent tokens stay in full precision (the residual w
 full-precision buffer, and once it holds ``R + G`` tokens the oldest ``G`` (a whole key group; more
 groups at once for a long prompt) are quantised, so the last ``R`` to ``R + G - 1`` tokens are always in
 full precision. Defaults: ``b = 2`` (4 also supported; 8 allowed), ``G = 32``, ``R = 128``.
+
+The flush is decided on the host (no device read per decode step): from the store's lower bound on the
+tokens any head buffers, which is exact until decode-time eviction removes tokens from some heads' buffers
+and not others'; then a group may be quantised a few steps later than the exact count would allow.
 """
 
 from __future__ import annotations

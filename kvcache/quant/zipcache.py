@@ -14,7 +14,9 @@
   ``streaming_gap`` (default 100) tokens -- a prompt of at least that many at once, then every
   ``streaming_gap`` decode steps, with the saliency the caller passes at that step. The buffer is held in
   16 bits as in the paper (``buffer_dtype="auto"``: the model's dtype if it is 16-bit, else float16), so
-  an fp32 model's cache holds the bytes a 16-bit model's would.
+  an fp32 model's cache holds the bytes a 16-bit model's would. The gap is checked on the host against the
+  buffer's rows (exact; after decode-time eviction an upper bound: tokens appended since the last flush),
+  so deciding to flush never reads the device.
 
 Defaults (r = 0.95, regular keys at 4 bits) chosen by sweep on SmolLM2-135M (head_dim 64; kvlong pass
 key, multi-key and QA at 1K, no eviction, greedy; bytes per stored token over all layers, scales and
