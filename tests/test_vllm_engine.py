@@ -255,7 +255,8 @@ def test_preemption_recomputes_and_frees_everything(llm, prompts, admission):
 ])
 def test_same_tokens_as_the_hf_adapter(llm, prompts, settings):
     """The plugin evicts what the Hugging Face adapter evicts: same registry policy, same selector, so
-    greedy decoding gives the same tokens (SnapKV once at the prompt; StreamingLLM at every step)."""
+    greedy decoding gives the same tokens (SnapKV, Expected Attention with its ||v|| weighting and KNorm once
+    at the prompt; StreamingLLM and TOVA at every step)."""
     import torch
     from transformers import AutoModelForCausalLM
     from vllm import SamplingParams
