@@ -16,7 +16,8 @@ scheduler runs vLLM's own code: the engine tests check it gives stock vLLM's tok
 weights and the warm-up are the same. Configurations are interleaved within each repeat; medians and the
 [min, max] spread over ``--repeats`` are reported. The load average before and after and the share of the
 CPU other processes used during each run are recorded; the command warns when that share exceeds 15%
-(the machine was busy): numbers taken under load are not evidence.
+(the machine was busy): numbers taken under load are not evidence, so such a run is left out of the
+medians when the configuration has a quiet one (it stays in the JSON).
 
     kvcache vllm-bench --policies snapkv,streaming,h2o,keyformer --budget 0.25 --output results/vllm/bench.json
     python -m kvcache.eval.vllm_bench ...      # the same
@@ -317,14 +318,18 @@ SUMMARISED = (
 
 def summarise(name: str, settings: dict[str, Any] | None, runs: list[dict[str, Any]],
               running_trace: list[int] | None = None) -> dict[str, Any]:
-    """Median of every metric over the repeats, ``<metric>_spread`` = [min, max]."""
-    row: dict[str, Any] = {"name": name, "settings": settings or {"kv_policy": None}, "repeats": len(runs)}
+    """Median of every metric over the repeats, ``<metric>_spread`` = [min, max]. A run during which other
+    processes used more than ``BUSY_SHARE`` of the CPU is left out of the medians when a quiet run of the
+    same configuration exists (it stays in ``runs``, counted in ``busy_runs_left_out``)."""
+    quiet = [r for r in runs if r["other_cpu_share"] <= BUSY_SHARE] or runs
+    row: dict[str, Any] = {"name": name, "settings": settings or {"kv_policy": None}, "repeats": len(quiet),
+                           "busy_runs_left_out": len(runs) - len(quiet)}
     for key in SUMMARISED:
-        values = [r[key] for r in runs]
+        values = [r[key] for r in quiet]
         row[key] = statistics.median(values)
         row[f"{key}_spread"] = [min(values), max(values)]
     if running_trace is None:
-        median_run = sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]
+        median_run = sorted(quiet, key=lambda r: r["wall_s"])[len(quiet) // 2]
         running_trace = median_run["running_trace"]
     row["running_trace"] = running_trace
     row["runs"] = [{k: v for k, v in r.items() if k not in ("running_trace",)} for r in runs]

@@ -87,3 +87,16 @@ def test_merge_refuses_reports_of_different_setups(tmp_path, capsys):
         main(["vllm-bench", "--merge", *paths, "--output", str(tmp_path / "out.json")])
     assert exit_info.value.code == 2
     assert "different setup (budget)" in capsys.readouterr().err
+
+
+def test_a_busy_run_is_left_out_of_the_medians_when_a_quiet_one_exists():
+    from kvcache.eval.vllm_bench import BUSY_SHARE, SUMMARISED, summarise
+
+    def run(wall, others):
+        return {**{key: 0.0 for key in SUMMARISED}, "wall_s": wall, "other_cpu_share": others, "running_trace": [1]}
+
+    row = summarise("stock", None, [run(64.0, 0.02), run(132.0, BUSY_SHARE + 0.1), run(68.0, 0.02)])
+    assert row["wall_s"] == 66.0 and row["wall_s_spread"] == [64.0, 68.0]
+    assert row["busy_runs_left_out"] == 1 and row["repeats"] == 2 and len(row["runs"]) == 3
+    only_busy = summarise("stock", None, [run(132.0, 0.5)])  # nothing quiet: reported, not hidden
+    assert only_busy["wall_s"] == 132.0 and only_busy["busy_runs_left_out"] == 0
