@@ -75,6 +75,7 @@ def run_memory_config(args: argparse.Namespace) -> dict[str, Any]:
     """One configuration in this process (``--one policy:budget:chunk``)."""
     import torch
 
+    from kvcache.budget import parse_budget
     from kvcache.engine_adapters.hf import kv_policy, load_model
     from kvcache.engine_adapters.hf.compat import output_cache
     from kvcache.engine_adapters.hf.generate_cli import StepClock, cache_bytes
@@ -88,7 +89,7 @@ def run_memory_config(args: argparse.Namespace) -> dict[str, Any]:
     with torch.no_grad():  # warm-up on a short prompt: allocator and kernels ready before the measured run
         model.generate(**{k: v[:, -64:] for k, v in inputs.items()}, max_new_tokens=2, do_sample=False)
     context = (
-        kv_policy(model, policy, float(budget), prefill_chunk=chunk_tokens)
+        kv_policy(model, policy, parse_budget(budget), prefill_chunk=chunk_tokens)
         if policy != "full-cache" else None
     )
     session = context.__enter__() if context is not None else None
@@ -114,7 +115,7 @@ def run_memory_config(args: argparse.Namespace) -> dict[str, Any]:
         peak = final
     prefill_s, decode_tps = clock.timings()
     return {
-        "config": args.one, "policy": policy, "budget": float(budget), "prefill_chunk": chunk_tokens,
+        "config": args.one, "policy": policy, "budget": parse_budget(budget), "prefill_chunk": chunk_tokens,
         "prompt_tokens": prompt_tokens, "generated_tokens": generated,
         "peak_kv_bytes": peak, "kv_bytes_final": final,
         "full_prompt_kv_bytes": prompt_tokens * per_token,
@@ -162,8 +163,11 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
     from kvcache.eval.lm_eval_model import KVCacheLM
     from kvcache.eval.machine import machine
 
+    from kvcache.budget import parse_budget
+
     torch.set_num_threads(args.threads)
-    configs = [("full", 1.0, None), (args.policy, args.budget, None)] + [(args.policy, args.budget, c) for c in args.chunks]
+    budget = parse_budget(args.budget)
+    configs = [("full", 1.0, None), (args.policy, budget, None)] + [(args.policy, budget, c) for c in args.chunks]
     data: dict[str, Any] = {"model": args.model, "tasks": args.tasks, "limit": args.limit, "rows": [],
                             "machine": machine("cpu"), "nice": os.nice(0)}
     if args.out.exists():
@@ -213,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("mode", choices=["memory", "accuracy"])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--policy", default="snapkv")
-    p.add_argument("--budget", type=float, default=0.25)
+    p.add_argument("--budget", default="0.25", help="fraction of the prompt (0.25) or tokens per layer (256)")
     p.add_argument("--chunks", type=int, nargs="+", default=[256, 512])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path)
