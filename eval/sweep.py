@@ -256,7 +256,7 @@ def plot(data: dict, path: Path) -> None:
 
         def interval(c):
             ci = c.get("mean_ci95") if panel == "suite mean" else c["tasks"].get(panel, {}).get("ci95")
-            return (value(c) - ci[0], ci[1] - value(c)) if ci else (0.0, 0.0)
+            return (max(0.0, value(c) - ci[0]), max(0.0, ci[1] - value(c))) if ci else (0.0, 0.0)  # rounding: never < 0
 
         for label in lines:
             pts = sorted((c["budget"], value(c), interval(c)) for c in configs if config_label(c) == label and value(c) is not None)
