@@ -90,6 +90,9 @@ def test_add_kv_arguments_to_a_parser():
     assert folded == {"kv_policy": "keyformer", "kv_budget": "0.5", "kv_recompact_every": 8}
     cfg = kvconfig.parse(folded)
     assert cfg.recompact_every == 8 and cfg.budget == 0.5
+    args = parser.parse_args(["--kv-policy", "h2o", "--kv-chunk-evict", "false", "--kv-admission", "optimistic"])
+    cfg = kvconfig.parse(fold_namespace({"kv_admission": "reserve"}, args))  # flags win over the JSON
+    assert cfg.chunk_evict is False and cfg.admission == "optimistic"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ vLLM calls :func:`register` in every process it starts (the API server, the engi
 before it parses arguments. The plugin is inert unless ``additional_config`` carries ``kv_policy``:
 
 * ``EngineArgs.add_cli_args`` gains ``--kv-policy/--kv-budget/--kv-window/--kv-layer-budget/--kv-quant``
-  (plus ``--kv-recompact-every``); ``EngineArgs.from_cli_args`` folds them into ``additional_config``.
+  (plus ``--kv-recompact-every``, ``--kv-chunk-evict``, ``--kv-admission``); ``EngineArgs.from_cli_args`` folds them into ``additional_config``.
 * ``EngineArgs.create_engine_config`` validates the settings, fences off what the plugin cannot handle
   (with the fix in the message), turns prefix caching off by default and installs the scheduler
   subclass :class:`kvcache.engine_adapters.vllm.scheduler.KVCacheScheduler`.
@@ -86,7 +86,16 @@ def add_kv_arguments(parser: Any) -> Any:
     group.add_argument(
         "--kv-recompact-every", dest="kv_recompact_every", default=None, type=_int_or_auto,
         help="decode-time policies (keyformer, h2o, streaming): re-compact every k generated tokens (default auto: "
-        "the room left in the last KV block the kept tokens occupy, when >= 8 tokens, else 16)",
+        "the room left in the last KV block the kept tokens occupy, when >= 4 tokens, else that room plus one block)",
+    )
+    group.add_argument(
+        "--kv-chunk-evict", dest="kv_chunk_evict", default=None,
+        help="compact after every prefill chunk: true, false or auto (default: only prompts longer than half the pool)",
+    )
+    group.add_argument(
+        "--kv-admission", dest="kv_admission", default=None,
+        help="reserve (default: admit a request only while the pool holds the running compressed requests' planned "
+        "growth, so none is preempted) or optimistic (vLLM's own rule)",
     )
     group.add_argument("--kv-quant", dest="kv_quant", default=None, help="quantised KV (not supported in vLLM yet)")
     return parser
