@@ -30,7 +30,7 @@ import torch
 
 from kvcache.budget.base import LayerBudget, check_budget, tokens_for
 from kvcache.evict.base import EvictionPolicy, Observation, accumulate
-from kvcache.registry import PolicyConfigError
+from kvcache.registry import PolicyConfigError, check_int
 
 UNLIMITED = 1 << 60  # a layer budget that never evicts (budget 1.0, or a prompt left uncompressed)
 
@@ -140,8 +140,7 @@ class KVPlan:
         """Raise :class:`PolicyConfigError` when prompts cannot be fed ``chunk`` tokens at a time under this plan:
         a chunk must be a positive int and, for a policy scoring with an observation window (SnapKV's w), at
         least that window, so every chunk's scores see the full window."""
-        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-            raise PolicyConfigError(f"prefill_chunk must be an int >= 1 (tokens per prompt chunk), got {chunk!r}")
+        check_int("prefill_chunk (tokens per prompt chunk)", chunk, 1)
         if not self.policy.compresses:
             return
         window = self.policy.observed_prompt_queries(UNLIMITED)
