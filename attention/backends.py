@@ -13,6 +13,8 @@ from typing import Union
 import torch
 import torch.nn.functional as F
 
+from kvcache.attention.scoring import grouped_logits
+
 Visibility = Union[torch.Tensor, str, None]
 BACKENDS = ("sdpa", "reference")
 
@@ -58,6 +60,20 @@ def sdpa_attention(
     mask = visible[:, :, None].expand(b, h_kv, group, q, t).reshape(b, h_kv, group * q, t)
     out = F.scaled_dot_product_attention(stacked, keys, values, attn_mask=mask, scale=scaling)
     return out.reshape(b, h_q, q, d)
+
+
+def attention_with_probabilities(
+    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of queries that see every slot (a decode step over a cache of real tokens), returning the
+    probabilities too: ``(softmax(Q K^T * scaling) V [B, H_q, q, D], p [B, H_q, q, T] fp32)``, softmax in fp32
+    as HF eager, K/V never repeated per query head. A policy that scores with this step's attention (H2O,
+    Keyformer, TOVA) reuses ``p`` instead of computing Q K^T a second time."""
+    b, h_q, q, _ = queries.shape
+    h_kv, t = keys.shape[1], keys.shape[2]
+    probs = torch.softmax(grouped_logits(queries, keys, scaling), dim=-1)  # [B, H_kv, G, q, T]
+    out = torch.matmul(probs.view(b, h_kv, h_q // h_kv * q, t).to(values.dtype), values)
+    return out.view(b, h_q, q, values.shape[-1]), probs.view(b, h_q, q, t)
 
 
 def attend(

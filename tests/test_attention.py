@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -82,3 +83,18 @@ def test_column_sums_and_window_probs_match_the_dense_softmax():
         window_probabilities(queries, keys, index, valid, q_index, 8**-0.5, 6), dense[:, :, :, -6:]
     )
     assert torch.isfinite(dense[1, :, :, :5]).all()  # padding queries see themselves: no NaNs
+
+
+# -- decode attention that also returns its probabilities (scoring reuses them) -----------------------------
+@pytest.mark.parametrize("group", [1, 3])
+def test_attention_with_probabilities_equals_eager_attention(group):
+    from kvcache.attention.backends import attention_with_probabilities, reference_attention
+
+    gen = torch.Generator().manual_seed(group)
+    queries = torch.randn(2, 2 * group, 1, 16, generator=gen)
+    keys, values = torch.randn(2, 2, 9, 16, generator=gen), torch.randn(2, 2, 9, 16, generator=gen)
+    out, probs = attention_with_probabilities(queries, keys, values, 0.25)
+    torch.testing.assert_close(out, reference_attention(queries, keys, values, None, 0.25))
+    expected = torch.softmax(queries @ keys.repeat_interleave(group, dim=1).transpose(-1, -2) * 0.25, dim=-1)
+    torch.testing.assert_close(probs, expected)
+    assert probs.dtype == torch.float32 and probs.shape == (2, 2 * group, 1, 9)

@@ -27,7 +27,7 @@ try:  # the tiny Llama folder with the embedded tokenizer, for the lm-eval sweep
 except pytest.skip.Exception:
     pass
 
-PARAMS = {"snapkv": {"window": 4}, "keyformer": {"seed": 0}, "expected-attention": {}}
+PARAMS = {"snapkv": {"window": 4}, "keyformer": {"seed": 0}, "expected-attention": {}, "tova": {"heads": "kv"}}  # tova: per-head, to split
 PROMPT_ONLY = ["snapkv", "knorm", "expected-attention"]
 EVERY_STEP = ["h2o", "keyformer", "tova", "streaming"]
 

@@ -26,7 +26,7 @@ from kvcache.engine_adapters.hf import kv_policy
 from kvcache.engine_adapters.hf.compat import output_cache, with_cache
 
 REPO = Path(__file__).resolve().parents[1]
-DENSE_POLICIES = {"snapkv": {"window": 4}, "streaming": {}, "h2o": {}, "keyformer": {"seed": 0}}
+DENSE_POLICIES = {"snapkv": {"window": 4}, "streaming": {}, "h2o": {}, "keyformer": {"seed": 0}, "tova": {}}
 DECODE_STEPS = 4
 KIVI = "kivi:group_size=8,residual=8"  # small groups so the tiny prompts really get quantised
 ZIPCACHE = "zipcache:streaming_gap=3"  # flushes at the prompt and again within the counted decode steps
@@ -206,3 +206,36 @@ def test_host_counters_mirror_the_device_state(policy: str) -> None:
                 assert held.tolist() == [[n] * held.shape[1] for n in layer.real_tokens], (policy, step)
                 assert layer.budget.tolist() == layer.budget_tokens
                 assert layer.all_valid == bool(layer.valid.all())
+
+
+@pytest.mark.parametrize("policy", ["h2o", "keyformer", "tova"])
+def test_decode_scoring_reuses_the_attention_probabilities_and_keeps_the_same_tokens(policy: str) -> None:
+    """Every-step attention scorers get this step's probabilities from the decode attention itself (no second
+    Q K^T): the same tokens are kept, step by step, as when scoring recomputes them from the keys, and the
+    logits agree."""
+    model = llama(4)
+    ids, _ = padded_batch([40, 40], seed=2)
+    runs = []
+    for reuse in (True, False):
+        with torch.no_grad(), kv_policy(model, policy, budget=0.5, **DENSE_POLICIES[policy]) as session:
+            assert session.scores_with_decode_attention
+            session.scores_with_decode_attention = reuse
+            out = model(input_ids=ids, use_cache=True)
+            cache = output_cache(out)
+            kept, logits = [], []
+            for _ in range(6):
+                out = model(**with_cache(model, cache, input_ids=out.logits[:, -1:].argmax(dim=-1), use_cache=True))
+                kept.append([layer.index.sort(dim=-1).values.clone() for layer in cache.layers])
+                logits.append(out.logits[:, -1])
+        runs.append((kept, torch.stack(logits)))
+    (kept_a, logits_a), (kept_b, logits_b) = runs
+    for step_a, step_b in zip(kept_a, kept_b):
+        for a, b in zip(step_a, step_b):
+            assert torch.equal(a, b)
+    torch.testing.assert_close(logits_a, logits_b, rtol=1e-4, atol=1e-5)
+    assert len(kept_a[0][0][0, 0]) == 20  # budget reached: each step evicted one token
+
+
+def test_streaming_does_not_compute_decode_probabilities() -> None:
+    with kv_policy(llama(2), "streaming", budget=0.5) as session:
+        assert not session.scores_with_decode_attention

@@ -43,8 +43,8 @@ def test_tova_scores_are_the_last_querys_attention_hand_checked():
     torch.testing.assert_close(scores, torch.tensor([[[0.2, 0.6, 0.2]]]))
 
 
-def test_tova_averages_the_group_and_does_not_accumulate():
-    tova = kvcache.create("evict", "tova")
+def test_tova_per_kv_head_averages_the_group_and_does_not_accumulate():
+    tova = kvcache.create("evict", "tova:heads=kv")
     prompt = observation(q_len=6, t=6)
     expected = group_mean(causal_probs(prompt)[:, :, -1], 2)  # the current (last) query only
     torch.testing.assert_close(tova.score(prompt, None), expected)
@@ -56,6 +56,58 @@ def test_tova_averages_the_group_and_does_not_accumulate():
     from_probs = dataclasses.replace(decode, keys=None, probabilities=causal_probs(decode))
     torch.testing.assert_close(tova.score(from_probs, None), fresh)
     assert tova.every_step and tova.observed_prompt_queries(50) == 1
+
+
+def test_tova_per_kv_head_mode_shares_nothing_across_heads():
+    assert not kvcache.create("evict", "tova:heads=kv").shares_layer_selection
+    with pytest.raises(PolicyConfigError, match="tova heads must be one of 'layer', 'kv'"):
+        kvcache.create("evict", "tova:heads=all")
+
+
+def test_tova_default_averages_every_head_of_the_layer():
+    """The paper (Sec. 3.3) and kvpress: one selection per layer, s_j = mean over all query heads of the
+    current query's attention; every KV head gets the same scores."""
+    tova = kvcache.create("evict", "tova")
+    assert tova.heads == "layer" and tova.shares_layer_selection
+    decode = observation(q_len=1, t=7, seed=3, step=1)
+    layer_mean = causal_probs(decode)[:, :, -1].mean(dim=1, keepdim=True).expand(1, 2, 7)
+    torch.testing.assert_close(tova.score(decode, None), layer_mean)
+
+
+def test_tova_layer_mean_lines_up_heads_holding_their_tokens_in_different_slots():
+    # head 1 holds the same positions as head 0, in another slot order: its scores follow its own slots
+    tova = kvcache.create("evict", "tova")
+    decode = observation(q_len=1, t=7, seed=4, step=1)
+    perm = torch.tensor([3, 0, 6, 1, 5, 2, 4])
+    keys = decode.keys.clone()
+    keys[:, 1] = decode.keys[:, 1, perm]
+    index = torch.stack([torch.arange(7), perm])[None]
+    shuffled = dataclasses.replace(decode, keys=keys, key_index=index)
+    expected = tova.score(decode, None)
+    got = tova.score(shuffled, None)
+    torch.testing.assert_close(got[:, 0], expected[:, 0])
+    torch.testing.assert_close(got[:, 1], expected[:, 1, perm])
+
+
+def test_tova_default_keeps_the_same_tokens_in_every_kv_head(make_model):
+    model = make_model("llama")
+    ids, mask = padded_batch([30, 22], seed=3)
+    with torch.no_grad(), kv_policy(model, "tova", budget=0.5) as session:
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        cache = session.last_cache
+    assert cache is not None
+    for layer in cache.layers:
+        positions = layer.index.masked_fill(~layer.valid, -1).sort(dim=-1).values  # [B, H_kv, T]
+        assert (positions == positions[:, :1]).all(), "KV heads of a layer hold different tokens"
+
+
+def test_tova_layer_selection_refuses_adaptive_head_budgets(make_model):
+    model = make_model("llama")
+    with pytest.raises(PolicyConfigError, match="tova:heads=kv"):
+        with kv_policy(model, "tova", budget=0.5, head_budget="adaptive"):
+            pass
+    with kv_policy(model, "tova", budget=0.5, heads="kv", head_budget="adaptive"):
+        pass
 
 
 # -- KNorm -------------------------------------------------------------------------------------------

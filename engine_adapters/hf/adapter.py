@@ -23,7 +23,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import kvcache
-from kvcache.attention.backends import BACKENDS, attend
+from kvcache.attention.backends import BACKENDS, attend, attention_with_probabilities
 from kvcache.attention.quantized import attend_packed, packed_probabilities
 from kvcache.engine_adapters.hf.cache import CompressionPlan, PolicyCache, PolicyLayer, QuantPolicyLayer
 from kvcache.engine_adapters.hf.compat import cache_arg, take_cache
@@ -109,6 +109,11 @@ class KVSession:
         self.active_cache: PolicyCache | None = None
         self.last_cache: PolicyCache | None = None
         self._undo: list[Any] = []
+        # the policy scores every decode step with that step's attention (H2O, Keyformer, TOVA): the decode
+        # attention then returns its probabilities, and scoring reuses them instead of a second Q K^T
+        self.scores_with_decode_attention = (
+            policy.compresses and policy.every_step and policy.observed_prompt_queries(1) > 0
+        )
 
     # -- install / uninstall -------------------------------------------------------------------------
     def install(self) -> None:
@@ -181,7 +186,12 @@ class KVSession:
             layer.mark_padding(new_valid, cache.pass_real_tokens(layer, new_valid))
         if isinstance(layer, QuantPolicyLayer):
             return self._attend_quantized(cache, layer, layer_idx, query, scaling)
-        out = attend(query, key, value, self._visibility(layer, q), scaling, self.backend)
+        visible = self._visibility(layer, q)
+        if visible is None and q == 1 and self.scores_with_decode_attention and layer.budget is not None:
+            out, probs = attention_with_probabilities(query, key, value, scaling)
+            cache.observe(layer_idx, query, scaling, probs)
+            return out
+        out = attend(query, key, value, visible, scaling, self.backend)
         if self.policy.compresses:
             cache.observe(layer_idx, query, scaling)
         return out
@@ -433,6 +443,11 @@ def kv_policy(
         raise PolicyConfigError(
             f"head_budget {heads.spec!r} with quant {quant_name!r} is not supported: the quantised store keeps one "
             "slot count for all KV heads; use head_budget='uniform' with quant, or quant=None with adaptive heads"
+        )
+    if heads.adaptive and evict.compresses and evict.shares_layer_selection:
+        raise PolicyConfigError(
+            f"{evict.registry_name} keeps one selection for all KV heads of a layer, which head_budget {heads.spec!r} "
+            f"splits per head; use '{evict.registry_name}:heads=kv' with adaptive head budgets, or head_budget='uniform'"
         )
     layer_budget_policy = kvcache.create("budget", layer_budget)
     if prefill_chunk is not None:

@@ -483,9 +483,11 @@ class PolicyCache(Cache):
             key_index = torch.arange(layer.length, device=layer.device).expand(key_index.shape)
         if layer.all_valid:  # shared values, passed expanded: scoring masks [q, T] once, not per sequence and head
             key_valid = torch.ones((), dtype=torch.bool, device=layer.device).expand(key_valid.shape)
+        # a quantised layer's keys and values would be dequantised: with probabilities given, policies go without
+        stored = probabilities is None or not isinstance(layer, QuantPolicyLayer)
         obs = Observation(
             queries=queries,
-            keys=layer.keys if probabilities is None else None,
+            keys=layer.keys if stored else None,
             key_index=key_index,
             key_valid=key_valid,
             query_index=layer.query_index(q),
@@ -493,7 +495,7 @@ class PolicyCache(Cache):
             step=layer.passes,
             max_new_tokens=plan.max_new_tokens,
             probabilities=probabilities,
-            values=layer.values if probabilities is None else None,
+            values=layer.values if stored else None,
         )
         previous = None if first_pass else layer.scores[:, :, : layer.length - q]
         if prompt_chunk:

@@ -103,6 +103,12 @@ class EvictionPolicy(abc.ABC):
         queries are observed at every step exactly when ``every_step`` is set."""
         return prompt_len
 
+    @property
+    def shares_layer_selection(self) -> bool:
+        """True when every KV head of a layer must keep the same tokens (one selection per layer, e.g. TOVA
+        as its paper), which head-adaptive budgets would split."""
+        return False
+
     def protected_tokens(self, budget: int) -> int:
         return self.recent_tokens(budget) + self.sinks
 

@@ -4,8 +4,9 @@ At every pass where the cache exceeds its budget (the prompt, then each generate
 scored by the attention of the *current* query only, the last query of the pass:
 s_j = softmax(q_t K^T / sqrt(d))_j, averaged over the query heads of a KV group; the lowest is evicted.
 Nothing accumulates: a token's past attention does not count, only what the newest query pays it now.
-GQA: one selection per KV head (the mean over its group's query heads), like the other policies here; the
-paper and kvpress average over every head of the layer and keep one selection per layer.
+Heads (``heads``): ``"layer"`` (default) averages s_j over every query head of the layer and keeps one selection
+for all of its KV heads, as the paper (Sec. 3.3: per-head selection did worse) and kvpress do; ``"kv"`` keeps
+one selection per KV head (the mean over its GQA group's query heads), like the other policies here.
 ``window`` 1 protects the newest token, as kvpress does (the paper protects nothing; a query's attention
 to itself is usually high, so this rarely changes a choice); no sinks, as in the paper.
 """
@@ -18,7 +19,9 @@ from dataclasses import dataclass
 import torch
 
 from kvcache.evict.base import EvictionPolicy, Observation
-from kvcache.registry import param, register
+from kvcache.registry import PolicyConfigError, check_choice, param, register
+
+HEAD_MODES = ("layer", "kv")
 
 
 def last_query(obs: Observation) -> Observation:
@@ -36,10 +39,34 @@ class TOVA(EvictionPolicy):
 
     window: int | float = param(1, "recent tokens kept: int tokens or fraction of the budget (1: the newest, as kvpress)")
     sinks: int = param(0, "first tokens always kept (the paper keeps none)")
+    heads: str = param("layer", "'layer': one selection per layer, scores averaged over all heads (paper, kvpress); 'kv': one per KV head")
     every_step = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("tova heads", self.heads, HEAD_MODES)
+
+    @property
+    def shares_layer_selection(self) -> bool:
+        """True when every KV head of a layer must hold the same tokens (``heads="layer"``)."""
+        return self.heads == "layer"
 
     def observed_prompt_queries(self, prompt_len: int) -> int:
         return min(1, prompt_len)
 
     def score(self, obs: Observation, previous: torch.Tensor | None) -> torch.Tensor:
-        return last_query(obs).column_sums().mean(dim=2)
+        scores = last_query(obs).column_sums().mean(dim=2)
+        if self.heads == "kv":
+            return scores
+        return layer_mean(scores, obs.key_index)
+
+
+def layer_mean(scores: torch.Tensor, key_index: torch.Tensor) -> torch.Tensor:
+    """``[B, H, T]`` scores replaced by their mean over the H heads of the same logical position. The heads hold
+    the same tokens (a shared selection keeps them so) but possibly in different slots, so the scores are lined
+    up by sorting each head's slots by position, averaged, and written back to each head's own slots."""
+    if scores.shape[1] == 1:
+        return scores
+    order = key_index.argsort(dim=-1)
+    mean = scores.gather(-1, order).mean(dim=1, keepdim=True).expand_as(scores)
+    return torch.empty_like(scores).scatter_(-1, order, mean)
