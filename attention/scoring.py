@@ -80,15 +80,6 @@ def masked_logits(
     return logits.masked_fill_(hidden_slots(key_index, key_valid, query_index)[:, :, None], float("-inf"))
 
 
-def gumbel_logits_(logits: torch.Tensor, transform: GumbelLogits) -> torch.Tensor:
-    """``transform(logits)`` computed in place: the same uniform draws from ``transform.generator`` and the
-    same arithmetic as :func:`kvcache.attention.gumbel.gumbel_noise`, ``(z - log(-log U)) / tau``, with no
-    intermediate tensors (Keyformer's prompt pass draws one noise value per query-slot pair)."""
-    noise = torch.rand(logits.shape, device=logits.device, generator=transform.generator).clamp_(1e-20, 1.0 - 1e-7)
-    noise.log_().neg_().log_().neg_()
-    return logits.add_(noise).div_(transform.tau)
-
-
 def query_chunk(num_queries: int, row_elements: int) -> int:
     """Queries per chunk so that one chunk of logits stays under ``CHUNK_ELEMENTS``."""
     return max(1, min(num_queries, CHUNK_ELEMENTS // max(1, row_elements)))
@@ -124,11 +115,11 @@ def column_sums(
                 key_index[..., masked_from:seen], key_valid[..., masked_from:seen], query_index[:, start:stop]
             )
             z[..., masked_from:].masked_fill_(hidden[:, :, None], float("-inf"))
-        if isinstance(transform, GumbelLogits):
-            z = gumbel_logits_(z, transform)
-        elif transform is not None:
-            z = transform(z)
-        total[..., :seen] += torch.softmax(z, dim=-1).sum(dim=-2)
+        if isinstance(transform, GumbelLogits):  # drawn and normalised in place: no q x T temporaries
+            probs = transform.softmax_(z)
+        else:
+            probs = torch.softmax(z if transform is None else transform(z), dim=-1)
+        total[..., :seen] += probs.sum(dim=-2)
     return total
 
 

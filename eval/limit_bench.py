@@ -124,23 +124,31 @@ def save(meta: dict[str, Any], rows: dict[str, dict[str, Any]], out: Path) -> di
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
+    rows = report["rows"]
+    full = rows["full"]["decode_s_per_step"]
+    names = list(rows)
+    ratio_bar_plot(
+        names, [rows[n]["decode_ratio_vs_full_at_C"] for n in names],
+        [rows[n]["decode_s_per_step_min"] / full for n in names], [rows[n]["decode_s_per_step_max"] / full for n in names],
+        "decode time per step / full cache of C tokens\n(median of runs; bars: min-max)", report, path,
+    )
+
+
+def ratio_bar_plot(
+    names: list[str], ratios: list[float], lows: list[float], highs: list[float], ylabel: str, report: dict[str, Any], path: Path
+) -> None:
+    """Bars of ratios against the full cache (the first name, grey) with min-max whiskers, titled with the
+    report's question and load averages."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = report["rows"]
-    names = list(rows)
-    full = rows["full"]["decode_s_per_step"]
-    ratios = [rows[n]["decode_ratio_vs_full_at_C"] for n in names]
-    spread = [
-        [r - rows[n]["decode_s_per_step_min"] / full for n, r in zip(names, ratios)],
-        [rows[n]["decode_s_per_step_max"] / full - r for n, r in zip(names, ratios)],
-    ]
+    spread = [[r - lo for r, lo in zip(ratios, lows)], [hi - r for r, hi in zip(ratios, highs)]]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.bar(names, ratios, yerr=spread, capsize=3, color=["grey"] + ["tab:blue"] * (len(names) - 1))
     ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_ylabel("decode time per step / full cache of C tokens\n(median of runs; bars: min-max)", fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
     load = report.get("load_before"), report.get("load_after")
     ax.set_title(f"{report['question']}\nload average before {load[0]}, after {load[1]}", fontsize=7)
     fig.tight_layout()

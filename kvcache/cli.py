@@ -25,6 +25,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("kvcache.eval.sweep", "accuracy vs KV budget on the kvlong suite: policies x budgets, JSON table + PNG plots"),
     "fidelity": ("kvcache.eval.fidelity", "long-text perplexity and ROUGE-L vs the full cache's output, per policy and budget"),
     "limit-bench": ("kvcache.eval.limit_bench", "decode speed of a compressed cache of C tokens vs a full cache of C tokens"),
+    "prompt-bench": ("kvcache.eval.prompt_bench", "prompt pass time of each policy vs the full cache on the same prompts"),
     "bench": ("kvcache.eval.bench", "decode tokens/s, TTFT, KV bytes and peak memory of a policy vs the full cache"),
     "quant-bench": ("kvcache.eval.quant_bench", "bytes, round-trip error and CPU attention speed of the KV quantisation codecs"),
     "vllm-bench": ("kvcache.eval.vllm_bench", "vLLM serving benchmark: stock vs eviction policies on one engine and KV pool (needs kvcache[vllm])"),

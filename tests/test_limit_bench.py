@@ -25,3 +25,24 @@ def test_ratios_are_of_medians_and_every_run_is_kept(tmp_path) -> None:
     assert written["rows"]["h2o"]["decode_s_per_step_runs"] == [0.013, 0.030, 0.0132]
     assert written["load_before"] == [1.5, 1.2, 1.0] and written["load_after"] == [1.7, 1.3, 1.0]
     assert (tmp_path / "limit_bench.png").exists()
+
+
+def test_prompt_bench_ratios_are_of_medians_against_the_full_cache(tmp_path) -> None:
+    from kvcache.eval.prompt_bench import save as save_prompt
+
+    rows = {"full": {"prompt_s_runs": [2.0, 2.2, 2.1]}, "keyformer": {"prompt_s_runs": [3.0, 9.0, 3.3]}}
+    report = save_prompt({"question": "q", "load_before": [1.0] * 3, "load_after": [1.1] * 3}, rows, tmp_path)
+    keyformer = report["rows"]["keyformer"]
+    assert keyformer["prompt_s"] == 3.3 and (keyformer["prompt_s_min"], keyformer["prompt_s_max"]) == (3.0, 9.0)
+    assert keyformer["ratio_vs_full"] == pytest.approx(3.3 / 2.1)
+    assert json.loads((tmp_path / "prompt_bench.json").read_text())["rows"]["keyformer"]["prompt_s_runs"] == [3.0, 9.0, 3.3]
+    assert (tmp_path / "prompt_bench.png").exists()
+
+
+def test_prompt_bench_refuses_fewer_than_three_repeats(capsys) -> None:
+    from kvcache.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["prompt-bench", "--repeats", "2"])
+    assert exit_.value.code == 2
+    assert "--repeats must be >= 3" in capsys.readouterr().err

@@ -11,6 +11,7 @@ import torch
 import kvcache
 from kvcache.budget.cake import layer_preference
 from kvcache.evict.base import Observation, pool_scores
+from kvcache.attention.gumbel import GumbelLogits, numpy_noise_generator
 from kvcache.evict.keyformer import gumbel_noise
 
 
@@ -85,16 +86,33 @@ def test_keyformer_scores_are_gumbel_softmax_sums_with_the_tau_schedule():
     assert policy.temperature(3, None) == 1.0
     obs = observation(q_len=5, t=5, step=5)
     scores = policy.score(obs, None)
-    noise = gumbel_noise(torch.Size([1, 2, 2, 5, 5]), torch.device("cpu"), torch.Generator().manual_seed(7))
+    noise = gumbel_noise(torch.Size([1, 2, 2, 5, 5]), torch.device("cpu"), None, numpy_noise_generator(7))
     probs = causal_probs(obs, extra=noise.reshape(1, 4, 5, 5), tau=1.5)
     torch.testing.assert_close(scores, group_mean(probs.sum(dim=2), 2))
     # fresh noise per pass: a second call with the same generator draws different noise
     assert not torch.allclose(policy.score(obs, None), scores)
 
 
-def test_gumbel_noise_has_the_gumbel_mean():
-    g = gumbel_noise(torch.Size([200_000]), torch.device("cpu"), torch.Generator().manual_seed(0))
+@pytest.mark.parametrize("stream", ["torch", "numpy"])
+def test_gumbel_noise_has_the_gumbel_mean_and_variance(stream):
+    torch_gen, numpy_gen = torch.Generator().manual_seed(0), numpy_noise_generator(0)
+    g = gumbel_noise(torch.Size([400_000]), torch.device("cpu"), torch_gen, numpy_gen if stream == "numpy" else None)
     assert abs(g.mean().item() - 0.5772) < 0.01  # Euler-Mascheroni constant
+    assert abs(g.var().item() - math.pi**2 / 6) < 0.02
+    again = gumbel_noise(torch.Size([8]), torch.device("cpu"), None, numpy_noise_generator(3))
+    assert torch.equal(again, gumbel_noise(torch.Size([8]), torch.device("cpu"), None, numpy_noise_generator(3)))
+
+
+@pytest.mark.parametrize("tau", [1.0, 1.7])
+def test_gumbel_softmax_in_place_equals_softmax_of_the_perturbed_logits(tau):
+    """GumbelLogits.softmax_ (the prompt pass's path; at tau 1 exp(z)/E with E = -log U) is
+    softmax((z + g) / tau) for the same draws, masked slots included."""
+    z = torch.randn(2, 3, 4, 6, generator=torch.Generator().manual_seed(1))
+    z[..., 4:] = float("-inf")
+    expected = torch.softmax(GumbelLogits(tau, numpy_generator=numpy_noise_generator(5))(z), dim=-1)
+    got = GumbelLogits(tau, numpy_generator=numpy_noise_generator(5)).softmax_(z.clone())
+    torch.testing.assert_close(got, expected)
+    assert (got[..., 4:] == 0).all()
 
 
 def test_snapkv_pools_window_attention():

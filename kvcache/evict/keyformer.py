@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvcache.attention.gumbel import GumbelLogits, gumbel_noise  # noqa: F401 (gumbel_noise: re-exported)
+import numpy as np
+
+from kvcache.attention.gumbel import GumbelLogits, gumbel_noise, numpy_noise_generator  # noqa: F401 (gumbel_noise: re-exported)
 from kvcache.evict.base import EvictionPolicy, Observation, accumulate, check_pooling, pool_scores
 from kvcache.registry import check_float, param, register
 
@@ -38,9 +40,10 @@ class Keyformer(EvictionPolicy):
     kernel: int = param(31, "max-pool the prompt pass's scores along the sequence (odd; 1: the paper, no pooling)")
     tau_init: float = param(1.0, "Gumbel softmax temperature at the prompt")
     tau_end: float = param(2.0, "temperature after max_new_tokens decode steps")
-    seed: int | None = param(None, "seed of the Gumbel noise (None: torch's global generator)")
+    seed: int | None = param(None, "seed of the Gumbel noise (None: drawn from torch's global generator at first use)")
     every_step = True
     _generator: torch.Generator | None = field(default=None, init=False, repr=False)
+    _numpy_generator: np.random.Generator | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -61,10 +64,18 @@ class Keyformer(EvictionPolicy):
             self._generator = torch.Generator(device=device).manual_seed(self.seed)
         return self._generator
 
+    def numpy_generator(self) -> np.random.Generator:
+        """The CPU noise stream (:mod:`kvcache.attention.gumbel`), seeded from ``seed`` at first use."""
+        if self._numpy_generator is None:
+            self._numpy_generator = numpy_noise_generator(self.seed)
+        return self._numpy_generator
+
     def score(self, obs: Observation, previous: torch.Tensor | None) -> torch.Tensor:
         tau = self.temperature(obs.step, obs.max_new_tokens)
+        device = obs.queries.device
+        cpu_stream = self.numpy_generator() if device.type == "cpu" else None
         # a class, not a closure: column_sums recognises it and draws the noise inside its CUDA kernel
-        attn = obs.column_sums(GumbelLogits(tau, self.generator(obs.queries.device))).mean(dim=2)
+        attn = obs.column_sums(GumbelLogits(tau, self.generator(device), cpu_stream)).mean(dim=2)
         if previous is None:  # the prompt pass
             attn = pool_scores(attn, obs.key_index, self.kernel)
         return accumulate(previous, attn)
