@@ -168,3 +168,18 @@ def test_kvpress_summary_pairs_samples_and_names_the_best_press():
     assert summary["best_at_keep"]["0.25"] == {"kvpress_best": "TOVAPress", "kvpress_best_mean": 0.5,
                                                "kvcache_best": "snapkv", "kvcache_best_mean": 0.75}
     assert "| snapkv / SnapKVPress | 0.25 | 0.750 | 0.250 | +0.500" in kvpress_compare.markdown_table(result)
+
+
+def test_kvpress_speed_ratios_are_of_medians_per_library():
+    from kvcache.eval.kvpress_speed import summarise
+
+    def run(side, full, snap):
+        return {"side": side, "rows": {"full": {"decode_tok_s": full, "prompt_s": 1.0}, "snapkv": {"decode_tok_s": snap, "prompt_s": 1.0}}}
+
+    runs = [run("kvcache", 20, 22), run("kvpress", 21, 20), run("kvcache", 19, 30), run("kvpress", 20, 18),
+            run("kvcache", 21, 21), run("kvpress", 22, 19)]
+    summary = summarise(runs, ["snapkv"])
+    assert summary["snapkv"]["kvcache"]["decode_tok_s"] == 22 and summary["snapkv"]["kvpress"]["decode_tok_s"] == 19
+    assert summary["snapkv"]["kvcache_vs_kvpress"] == pytest.approx(22 / 19)
+    assert summary["snapkv"]["kvcache"]["vs_own_full"] == pytest.approx(22 / 20)
+    assert (summary["snapkv"]["kvcache"]["min"], summary["snapkv"]["kvcache"]["max"]) == (21, 30)
