@@ -239,3 +239,57 @@ def test_decode_scoring_reuses_the_attention_probabilities_and_keeps_the_same_to
 def test_streaming_does_not_compute_decode_probabilities() -> None:
     with kv_policy(llama(2), "streaming", budget=0.5) as session:
         assert not session.scores_with_decode_attention
+
+
+@pytest.mark.parametrize("layer_budget", ["uniform", "pyramid"])
+def test_streaming_decode_ring_keeps_what_the_general_path_keeps(layer_budget: str, monkeypatch) -> None:
+    """StreamingLLM's decode steps evict the oldest token after the sinks through a host-side ring (no scoring,
+    no search): the same positions are kept, step by step, and the logits are equal, as the general path."""
+    from kvcache.engine_adapters.hf.cache import PolicyCache
+
+    model = llama(4)
+    ids, _ = padded_batch([40, 40], seed=4)
+
+    def decode(ring: bool):
+        if not ring:
+            monkeypatch.setattr(PolicyCache, "_evicts_oldest", lambda self, layer: False)
+        with torch.no_grad(), kv_policy(model, "streaming", budget=0.5, layer_budget=layer_budget):
+            out = model(input_ids=ids, use_cache=True)
+            cache = output_cache(out)
+            kept, logits = [], []
+            for _ in range(25):  # past one full turn of the 16-slot ring
+                out = model(**with_cache(model, cache, input_ids=out.logits[:, -1:].argmax(dim=-1), use_cache=True))
+                kept.append([layer.index.sort(dim=-1).values.clone() for layer in cache.layers])
+                logits.append(out.logits[:, -1])
+        monkeypatch.undo()
+        return cache, kept, torch.stack(logits)
+
+    ring_cache, ring_kept, ring_logits = decode(True)
+    assert all(layer.ring is not None for layer in ring_cache.layers)
+    general_cache, general_kept, general_logits = decode(False)
+    assert all(layer.ring is None for layer in general_cache.layers)
+    for step_a, step_b in zip(ring_kept, general_kept):
+        for a, b in zip(step_a, step_b):
+            assert torch.equal(a, b)
+    torch.testing.assert_close(ring_logits, general_logits)
+    sinks_and_recent = torch.cat([torch.arange(4), torch.arange(65 - 16, 65)])  # 40 prompt + 25 generated
+    if layer_budget == "uniform":
+        assert torch.equal(ring_kept[-1][0][0, 0], sinks_and_recent)
+
+
+def test_streaming_ring_gives_way_to_the_general_path_when_padding_arrives() -> None:
+    model = llama(2)
+    ids, mask = padded_batch([30, 30], seed=5)
+    with torch.no_grad(), kv_policy(model, "streaming", budget=0.5):
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        cache = output_cache(out)
+        assert all(layer.ring is not None for layer in cache.layers)
+        for step in range(4):
+            new = torch.ones_like(mask[:, :1])
+            if step == 1:
+                new[0] = 0  # sequence 0 gets a padding token mid-decode
+            mask = torch.cat([mask, new], dim=1)
+            out = model(**with_cache(model, cache, input_ids=out.logits[:, -1:].argmax(-1), attention_mask=mask, use_cache=True))
+        assert all(layer.ring is None for layer in cache.layers)
+        for layer in cache.layers:
+            assert layer.real_tokens == layer.valid[:, 0].sum(-1).tolist() == [15, 15]

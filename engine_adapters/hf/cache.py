@@ -112,6 +112,8 @@ class PolicyLayer(CacheLayerMixin):
         self.budget_tokens: list[int] | None = None  # the same on the host
         self.recent: torch.Tensor | None = None  # [B] of those, the protected recent window
         self.heads_aligned = True  # every KV head holds the same slots in sequence order
+        # StreamingLLM's decode steps as a ring: [next victim slot, first ring slot, end] on the host, or None
+        self.ring: list[int] | None = None
         self.real_tokens: list[int] = []  # host mirror of valid.sum(-1) per sequence (equal for every KV head)
         self.new_real: list[int] = []  # of those, how many came with the last pass
         self.counted_nbytes = 0  # this layer's bytes in the cache's running total (PolicyCache.peak_nbytes)
@@ -232,6 +234,7 @@ class PolicyLayer(CacheLayerMixin):
         self._index[:, :, :kept].masked_fill_(~valid[:, :, :kept], -1)
         self.length = kept
         self.heads_aligned = False
+        self.ring = None
 
     def replace(self, victim: torch.Tensor) -> None:
         """Move the newest slot into ``victim [B, H]`` and drop the last slot (evicts one token in place)."""
@@ -246,6 +249,19 @@ class PolicyLayer(CacheLayerMixin):
                 buf.scatter_(2, idx, newest)
         self.length = last
         self.heads_aligned = False
+        self.ring = None
+
+    def replace_oldest(self) -> None:
+        """Ring step (see :meth:`PolicyCache._ring_step`): the newest slot moves into the ring's next slot,
+        which holds the oldest token after the sinks; host indices only, no scatter."""
+        assert self.ring is not None
+        victim, start, end = self.ring
+        last = self.length - 1
+        for name in self._buffers():
+            buf = getattr(self, name)
+            buf[:, :, victim] = buf[:, :, last]
+        self.length = last
+        self.ring[0] = start + (victim + 1 - start) % (end - start)
 
     # -- HF cache protocol ---------------------------------------------------------------------------
     def get_seq_length(self) -> int:
@@ -473,6 +489,9 @@ class PolicyCache(Cache):
             valid_new = layer.valid[:, 0, -q:]
             first = torch.where(valid_new, layer.index[:, 0, -q:], layer.seen).min(dim=-1).values
             plan.start(layer.new_real, first)
+        if q == 1 and self._ring_step(layer):
+            layer.passes += 1
+            return
         first_pass = layer.budget is None
         prompt_chunk = self.prompt_end is not None and layer.seen <= self.prompt_end  # chunked prefill
         if not (first_pass or prompt_chunk or plan.policy.every_step):  # nothing to score or evict at this pass
@@ -553,9 +572,39 @@ class PolicyCache(Cache):
         # no room is reserved for a prompt's next chunk: the layers hold C each between chunks, and only the one
         # layer being fed holds C + chunk (it grows on the append), so the cache peaks at L * C + chunk tokens
         headroom = 1 if plan.policy.every_step and not self._mid_prompt(layer) else 0
+        in_position_order = layer.heads_aligned
         slots, slot_valid = select_keep(layer.scores, layer.valid, protected, layer.budget, max(kept), layer.index)
         layer.keep(slots, slot_valid, headroom)
         layer.real_tokens = kept
+        if in_position_order and type(layer) is PolicyLayer and self._evicts_oldest(layer) and layer.all_valid:
+            # kept in position order: slots [0, sinks) the sinks, then the window, oldest first
+            layer.ring = [plan.policy.sinks, plan.policy.sinks, layer.length]
+
+    def _evicts_oldest(self, layer: PolicyLayer) -> bool:
+        """Whether each decode step of ``layer`` evicts exactly its oldest token after the sinks: a policy scoring
+        by position alone (StreamingLLM) whose recent window is the whole budget after the sinks, the same
+        budget for every sequence."""
+        policy = self.plan.policy
+        budgets = layer.budget_tokens or []
+        return (
+            policy.position_only and len(set(budgets)) == 1 and budgets[0] > policy.sinks
+            and policy.sinks + self.plan.plan.recent(budgets[0]) == budgets[0]
+        )
+
+    def _ring_step(self, layer: PolicyLayer) -> bool:
+        """A decode step of a ring layer (StreamingLLM after its prompt, nothing padded): every sequence holds one
+        token over its budget, the oldest after the sinks leaves and the new one takes its slot, decided on
+        the host (no scoring, no search). False (the general path) in any other state."""
+        if layer.ring is None:
+            return False
+        budget = layer.budget_tokens[0]  # type: ignore[index]
+        if layer.length != budget + 1 or any(n != budget + 1 for n in layer.real_tokens):
+            layer.ring = None  # padding arrived: the general path takes over for good
+            return False
+        layer.replace_oldest()
+        layer.real_tokens = [budget] * len(layer.real_tokens)
+        self._count_bytes(layer)
+        return True
 
     @staticmethod
     def _replace_one(layer: PolicyLayer, protected: torch.Tensor) -> bool:

@@ -76,6 +76,8 @@ class EvictionPolicy(abc.ABC):
     """
 
     every_step: ClassVar[bool] = False
+    # scores depend on positions alone (StreamingLLM): an engine may evict by position without scoring
+    position_only: ClassVar[bool] = False
     compresses: ClassVar[bool] = True
     registry_name: ClassVar[str]  # set by ``@register("evict", name)``
     window: int | float | None

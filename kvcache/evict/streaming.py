@@ -23,6 +23,7 @@ class StreamingLLM(EvictionPolicy):
     sinks: int = param(4, "first tokens always kept (attention sinks)")
     window: int | float | None = param(None, "recent tokens kept; None = the whole budget after the sinks")
     every_step = True
+    position_only = True
 
     def observed_prompt_queries(self, prompt_len: int) -> int:
         return 0  # positions alone
