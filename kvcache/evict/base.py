@@ -138,12 +138,12 @@ def check_window(window: int | float) -> None:
 
 
 def accumulate(previous: torch.Tensor | None, new_scores: torch.Tensor) -> torch.Tensor:
-    """S <- [S_prev, 0] + s_t: carry last pass's per-slot scores and add this pass's."""
+    """S <- [S_prev, 0] + s_t: carry last pass's per-slot scores and add this pass's (into ``new_scores``,
+    which the caller owns)."""
     if previous is None:
         return new_scores
-    padded = torch.zeros_like(new_scores)
-    padded[..., : previous.shape[-1]] = previous
-    return padded + new_scores
+    new_scores[..., : previous.shape[-1]] += previous
+    return new_scores
 
 
 def check_pooling(policy: str, kernel: int, pooling: str = "max") -> None:
