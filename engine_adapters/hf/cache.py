@@ -515,6 +515,8 @@ class PolicyCache(Cache):
             max_new_tokens=plan.max_new_tokens,
             probabilities=probabilities,
             values=layer.values if stored else None,
+            # a layer-wide selection (TOVA) evicts the same slot in every head of a dense layer: same layout
+            heads_share_slots=layer.heads_aligned or (plan.policy.shares_layer_selection and type(layer) is PolicyLayer),
         )
         previous = None if first_pass else layer.scores[:, :, : layer.length - q]
         if prompt_chunk:

@@ -45,6 +45,9 @@ class Observation:
     probabilities: torch.Tensor | None = None
     # [B, H_kv, T, D_v] every slot's values, when the engine passes them (Expected Attention's ||v|| weighting)
     values: torch.Tensor | None = None
+    # every KV head holds the same token in each slot (a layer-wide selection keeps them so, or no eviction yet):
+    # per-head statistics can then be combined slot by slot, without lining slots up by position
+    heads_share_slots: bool = False
 
     @property
     def group_size(self) -> int:

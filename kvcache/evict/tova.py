@@ -58,15 +58,18 @@ class TOVA(EvictionPolicy):
         scores = last_query(obs).column_sums().mean(dim=2)
         if self.heads == "kv":
             return scores
-        return layer_mean(scores, obs.key_index)
+        return layer_mean(scores, obs.key_index, obs.heads_share_slots)
 
 
-def layer_mean(scores: torch.Tensor, key_index: torch.Tensor) -> torch.Tensor:
+def layer_mean(scores: torch.Tensor, key_index: torch.Tensor, heads_share_slots: bool = False) -> torch.Tensor:
     """``[B, H, T]`` scores replaced by their mean over the H heads of the same logical position. The heads hold
-    the same tokens (a shared selection keeps them so) but possibly in different slots, so the scores are lined
-    up by sorting each head's slots by position, averaged, and written back to each head's own slots."""
+    the same tokens (a shared selection keeps them so); unless the engine says they hold them in the same slots
+    (``heads_share_slots``), the scores are lined up by sorting each head's slots by position, averaged, and
+    written back to each head's own slots."""
     if scores.shape[1] == 1:
         return scores
+    if heads_share_slots:
+        return scores.mean(dim=1, keepdim=True).expand_as(scores)
     order = key_index.argsort(dim=-1)
     mean = scores.gather(-1, order).mean(dim=1, keepdim=True).expand_as(scores)
     return torch.empty_like(scores).scatter_(-1, order, mean)
