@@ -7,8 +7,9 @@ beside the full cache, in the same process, over prompt lengths and batch sizes.
     kvcache bench --device cuda --model llama3-8b-random ...          # GPU, Llama-3-8B shape, random weights
 
 Answers "how much memory and speed do I win?". For every (prompt length, batch size) cell the full cache
-(plain transformers ``DynamicCache``, no adapter) and the policy run on the same prompts, alternately,
-``--repeats`` times (the fastest repeat is kept). Measured, never computed from a formula:
+(plain transformers ``DynamicCache``, no adapter) and the policy run on the same prompts
+``--repeats`` times (default 3), the two caches alternating; each figure is the median of the repeats, with every
+run's TTFT and decode tokens/s kept in ``runs`` for the spread. Measured, never computed from a formula:
 
 * ``ttft_s``: wall time of the prefill forward pass that yields the first token.
 * ``decode_tok_s``: ``batch * (N - 1) / decode seconds``: the N - 1 following greedy steps, timed in the same
@@ -52,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-lengths", type=int, nargs="+", default=[512, 1024, 2048])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per request")
-    p.add_argument("--repeats", type=int, default=1, help="timed repeats per cache (fastest kept)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per cache (medians reported, every run kept)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
     p.add_argument("--out", type=Path, default=Path("results/bench"))
@@ -167,8 +168,8 @@ def greedy_run(model, ids, new_tokens: int, device: str, cache) -> tuple[float, 
     return first - start, end - first, cache
 
 
-def measure(model, ids, args, policy: bool) -> dict[str, Any]:
-    """TTFT, decode tokens/s, KV bytes and peak memory of one cache on one batch (fastest of repeats)."""
+def run_once(model, ids, args, policy: bool) -> dict[str, Any]:
+    """One timed greedy run of the full cache (stock ``DynamicCache``, no adapter) or of the policy."""
     import contextlib
 
     from transformers import DynamicCache
@@ -177,22 +178,32 @@ def measure(model, ids, args, policy: bool) -> dict[str, Any]:
 
     ctx = (kv_policy(model, args.policy, budget=args.budget, layer_budget=args.layer_budget, quant=args.quant)
            if policy else contextlib.nullcontext())
-    best: dict[str, Any] | None = None
     with ctx as session:
-        for _ in range(args.repeats):
-            cache = session.new_cache(args.new_tokens) if policy else DynamicCache(config=model.config)
-            reset_peak(args.device)
-            ttft, decode_s, cache = greedy_run(model, ids, args.new_tokens, args.device, cache)
-            peak = read_peak(args.device)
-            kv = session.stats()["kv_bytes"] if policy else cache_bytes(cache)
-            row = {"ttft_s": ttft, "decode_s": decode_s, "decode_tok_s": ids.shape[0] * (args.new_tokens - 1) / decode_s,
-                   "kv_bytes": int(kv), "kv_bytes_per_token": kv / ids.numel(), **peak}
-            if policy:
-                row["kept_tokens_per_layer"] = session.stats().get("kept_tokens_per_layer")
-            if best is None or row["ttft_s"] + row["decode_s"] < best["ttft_s"] + best["decode_s"]:
-                best = row
-    assert best is not None
-    return best
+        cache = session.new_cache(args.new_tokens) if policy else DynamicCache(config=model.config)
+        reset_peak(args.device)
+        ttft, decode_s, cache = greedy_run(model, ids, args.new_tokens, args.device, cache)
+        peak = read_peak(args.device)
+        run = {"ttft_s": ttft, "decode_s": decode_s, "kv_bytes": int(session.stats()["kv_bytes"] if policy else cache_bytes(cache)),
+               **peak}
+        if policy:
+            run["kept_tokens_per_layer"] = session.stats().get("kept_tokens_per_layer")
+    return run
+
+
+def summarise_runs(runs: list[dict[str, Any]], ids, new_tokens: int) -> dict[str, Any]:
+    """Medians of TTFT and decode time over the repeats (peak memory: the largest), every run's TTFT and decode
+    tokens/s kept in ``runs``."""
+    import statistics
+
+    decode_s = statistics.median(r["decode_s"] for r in runs)
+    tokens = ids.shape[0] * (new_tokens - 1)
+    row = {"ttft_s": statistics.median(r["ttft_s"] for r in runs), "decode_s": decode_s, "decode_tok_s": tokens / decode_s,
+           "kv_bytes": runs[-1]["kv_bytes"], "kv_bytes_per_token": runs[-1]["kv_bytes"] / ids.numel(),
+           **{k: max(r[k] for r in runs) for k in runs[-1] if k.startswith("peak_")},
+           "runs": [{"ttft_s": r["ttft_s"], "decode_tok_s": tokens / r["decode_s"]} for r in runs]}
+    if "kept_tokens_per_layer" in runs[-1]:
+        row["kept_tokens_per_layer"] = runs[-1]["kept_tokens_per_layer"]
+    return row
 
 
 def cache_label(args: argparse.Namespace) -> str:
@@ -219,8 +230,12 @@ def run_bench(args: argparse.Namespace) -> dict:
     greedy_run(model, warm, 2, args.device, DynamicCache(config=model.config))  # warm-up (allocator, kernels)
     for length, batch in tqdm(cells, desc="bench", unit="cell"):
         ids = prompts(tok, length, batch).to(args.device)
-        full = measure(model, ids, args, policy=False)
-        pol = measure(model, ids, args, policy=True)
+        full_runs, pol_runs = [], []
+        for _ in range(args.repeats):  # the two caches alternate
+            full_runs.append(run_once(model, ids, args, policy=False))
+            pol_runs.append(run_once(model, ids, args, policy=True))
+        full = summarise_runs(full_runs, ids, args.new_tokens)
+        pol = summarise_runs(pol_runs, ids, args.new_tokens)
         for name, row in (("full", full), (cache_label(args), pol)):
             data["rows"].append({"cache": name, "prompt_len": length, "batch": batch, **row})
         data["rows"].append({

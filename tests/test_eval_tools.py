@@ -93,6 +93,7 @@ def test_bench_writes_json_and_plot(tiny_folder, tmp_path):  # noqa: F811
             assert 0 < r["kv_bytes_ratio"] < 1 and r["decode_speedup"] > 0 and r["peak_mem_ratio"] > 0
         else:
             assert r["ttft_s"] > 0 and r["decode_tok_s"] > 0 and r["kv_bytes"] > 0 and r["peak_rss_bytes"] > 0
+            assert len(r["runs"]) == 3 and sorted(x["ttft_s"] for x in r["runs"])[1] == r["ttft_s"]  # median of 3
     full = {r["prompt_len"]: r["kv_bytes"] for r in rows if r["cache"] == "full"}
     # 2 layers x (K + V) x batch 2 x 2 kv heads x (prompt + 3 - 1 cached tokens) x 16 dims x 4 bytes
     assert full[48] == 2 * 2 * 2 * 2 * (48 + 2) * 16 * 4
