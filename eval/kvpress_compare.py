@@ -92,6 +92,38 @@ def _press(policy: str, keep: float):
     return getattr(kvpress, PAIRS[policy])(compression_ratio=ratio)
 
 
+def policy_context(side: str, policy: str, keep: float, model):
+    """``side``'s compression of ``model`` for ``policy`` at ``keep`` (a ``with`` context; a no-op for ``full``):
+    kvcache's ``kv_policy`` (``snapkv+adakv``: snapkv with adaptive head budgets) or kvpress's press."""
+    import contextlib
+
+    if policy == "full":
+        return contextlib.nullcontext(None)
+    if side == "kvcache":
+        from kvcache.engine_adapters.hf import kv_policy
+
+        name, heads = ("snapkv", "adaptive") if policy == "snapkv+adakv" else (policy, "uniform")
+        return kv_policy(model, name, budget=keep, head_budget=heads)
+    return _press(policy, keep)(model)
+
+
+def model_loader(model_path: str, side: str):
+    """``load(policy)``: the model in the attention implementation ``side``'s ``policy`` needs (kvpress's
+    ObservedAttentionPress reads eager attention weights; everything else SDPA), each loaded once."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    models: dict[str, Any] = {}
+
+    def load(policy: str):
+        attn = "eager" if (side == "kvpress" and policy == "h2o") else "sdpa"
+        if attn not in models:
+            models[attn] = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation=attn).eval()
+        return models[attn]
+
+    return load
+
+
 def _row_key(r: dict) -> tuple:
     return r["policy"], float(r["keep"]), r["task"]
 
@@ -106,32 +138,15 @@ def _read_rows(path: Path, limit: int) -> list[dict]:
 def run_side(side: str, model_path: str, tasks: list[str], limit: int, keeps: list[float], policies: list[str],
              threads: int | None, timing: bool, rows_file: Path | None = None) -> dict:
     """One library's rows: for every policy, keep and task, accuracy per sample; speed and KV bytes on the first sample."""
-    import contextlib
-
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if threads:
         torch.set_num_threads(threads)
     tok = AutoTokenizer.from_pretrained(model_path)
-    models: dict[str, Any] = {}
+    model_for = model_loader(model_path, side)
     rows = _read_rows(rows_file, limit) if rows_file else []
     done = {_row_key(r) for r in rows}
-
-    def model_for(attn: str):
-        if attn not in models:
-            models[attn] = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation=attn).eval()
-        return models[attn]
-
-    def context(policy: str, keep: float, model):
-        if policy == "full":
-            return contextlib.nullcontext(None)
-        if side == "kvcache":
-            from kvcache.engine_adapters.hf import kv_policy
-
-            name, heads = ("snapkv", "adaptive") if policy == "snapkv+adakv" else (policy, "uniform")
-            return kv_policy(model, name, budget=keep, head_budget=heads)
-        return _press(policy, keep)(model)
 
     def gen(model, ids, n, exact: bool):
         start = time.perf_counter()
@@ -142,16 +157,15 @@ def run_side(side: str, model_path: str, tasks: list[str], limit: int, keeps: li
 
     plan = [("full", 1.0)] + [(p, k) for k in keeps for p in policies]
     for policy, keep in plan:
-        attn = "eager" if (side == "kvpress" and policy == "h2o") else "sdpa"
         for task in tasks:
             if (policy, keep, task) in done:
                 continue
-            model = model_for(attn)
+            model = model_for(policy)
             data = load_rows(task, limit)
             n = MAX_NEW[task.rsplit("_", 1)[0]]
             samples, kv, ttft, decode = [], None, None, None
             cpu_start = time.process_time()
-            with context(policy, keep, model) as session:
+            with policy_context(side, policy, keep, model) as session:
                 for i, row in enumerate(data):
                     text_in = prompt_text(tok, row)
                     ids = prompt_ids(tok, row)

@@ -24,39 +24,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kvcache.eval.kvpress_compare import DATA, PAIRS, ROOT, _press, load_rows, prompt_ids
+from kvcache.eval.kvpress_compare import DATA, PAIRS, ROOT, load_rows, model_loader, policy_context, prompt_ids
 
 SIDES = ("kvcache", "kvpress")
 
 
 def time_side(side: str, model_path: str, task: str, keep: float, policies: list[str], new_tokens: int, threads: int) -> dict:
     """One process of one library: prompt seconds and decode tokens/s of the full cache and each policy."""
-    import contextlib
-
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from kvcache.engine_adapters.hf.generate_cli import StepClock
 
     torch.set_num_threads(threads)
     tok = AutoTokenizer.from_pretrained(model_path)
     ids = prompt_ids(tok, load_rows(task, 1)[0])
-    models: dict[str, Any] = {}
-
-    def model_for(attn: str):
-        if attn not in models:
-            models[attn] = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation=attn).eval()
-        return models[attn]
-
-    def context(policy: str, model):
-        if policy == "full":
-            return contextlib.nullcontext()
-        if side == "kvcache":
-            from kvcache.engine_adapters.hf import kv_policy
-
-            name, heads = ("snapkv", "adaptive") if policy == "snapkv+adakv" else (policy, "uniform")
-            return kv_policy(model, name, budget=keep, head_budget=heads)
-        return _press(policy, keep)(model)
+    model_for = model_loader(model_path, side)
 
     def timed(model, n: int) -> tuple[float, float | None]:
         clock = StepClock()
@@ -65,11 +48,11 @@ def time_side(side: str, model_path: str, task: str, keep: float, policies: list
                            do_sample=False, logits_processor=[clock], pad_token_id=tok.pad_token_id or 0)
         return clock.timings()
 
-    timed(model_for("sdpa"), 2)  # warm-up
+    timed(model_for("full"), 2)  # warm-up
     rows = {}
     for policy in ["full", *policies]:
-        model = model_for("eager" if (side == "kvpress" and policy == "h2o") else "sdpa")  # ObservedAttention needs eager
-        with context(policy, model):
+        model = model_for(policy)
+        with policy_context(side, policy, keep, model):
             prompt_s, decode_tok_s = timed(model, new_tokens + 1)
         rows[policy] = {"prompt_s": prompt_s, "decode_tok_s": decode_tok_s}
     return {"side": side, "rows": rows, "prompt_tokens": int(ids.shape[1]), "torch_threads": torch.get_num_threads()}
