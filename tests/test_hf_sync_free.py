@@ -265,9 +265,9 @@ def test_streaming_decode_ring_keeps_what_the_general_path_keeps(layer_budget: s
         return cache, kept, torch.stack(logits)
 
     ring_cache, ring_kept, ring_logits = decode(True)
-    assert all(layer.ring is not None for layer in ring_cache.layers)
+    assert all(layer.ring_next is not None for layer in ring_cache.layers)
     general_cache, general_kept, general_logits = decode(False)
-    assert all(layer.ring is None for layer in general_cache.layers)
+    assert all(layer.ring_next is None for layer in general_cache.layers)
     for step_a, step_b in zip(ring_kept, general_kept):
         for a, b in zip(step_a, step_b):
             assert torch.equal(a, b)
@@ -283,13 +283,13 @@ def test_streaming_ring_gives_way_to_the_general_path_when_padding_arrives() -> 
     with torch.no_grad(), kv_policy(model, "streaming", budget=0.5):
         out = model(input_ids=ids, attention_mask=mask, use_cache=True)
         cache = output_cache(out)
-        assert all(layer.ring is not None for layer in cache.layers)
+        assert all(layer.ring_next is not None for layer in cache.layers)
         for step in range(4):
             new = torch.ones_like(mask[:, :1])
             if step == 1:
                 new[0] = 0  # sequence 0 gets a padding token mid-decode
             mask = torch.cat([mask, new], dim=1)
             out = model(**with_cache(model, cache, input_ids=out.logits[:, -1:].argmax(-1), attention_mask=mask, use_cache=True))
-        assert all(layer.ring is None for layer in cache.layers)
+        assert all(layer.ring_next is None for layer in cache.layers)
         for layer in cache.layers:
             assert layer.real_tokens == layer.valid[:, 0].sum(-1).tolist() == [15, 15]

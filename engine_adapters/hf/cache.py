@@ -112,8 +112,9 @@ class PolicyLayer(CacheLayerMixin):
         self.budget_tokens: list[int] | None = None  # the same on the host
         self.recent: torch.Tensor | None = None  # [B] of those, the protected recent window
         self.heads_aligned = True  # every KV head holds the same slots in sequence order
-        # StreamingLLM's decode steps as a ring: [next victim slot, first ring slot, end] on the host, or None
-        self.ring: list[int] | None = None
+        # StreamingLLM's decode steps as a ring (PolicyCache._ring_step): the slot of the oldest token after the
+        # sinks, on the host, or None when the layer is not a ring
+        self.ring_next: int | None = None
         self.real_tokens: list[int] = []  # host mirror of valid.sum(-1) per sequence (equal for every KV head)
         self.new_real: list[int] = []  # of those, how many came with the last pass
         self.counted_nbytes = 0  # this layer's bytes in the cache's running total (PolicyCache.peak_nbytes)
@@ -234,7 +235,7 @@ class PolicyLayer(CacheLayerMixin):
         self._index[:, :, :kept].masked_fill_(~valid[:, :, :kept], -1)
         self.length = kept
         self.heads_aligned = False
-        self.ring = None
+        self.ring_next = None
 
     def replace(self, victim: torch.Tensor) -> None:
         """Move the newest slot into ``victim [B, H]`` and drop the last slot (evicts one token in place)."""
@@ -249,19 +250,16 @@ class PolicyLayer(CacheLayerMixin):
                 buf.scatter_(2, idx, newest)
         self.length = last
         self.heads_aligned = False
-        self.ring = None
+        self.ring_next = None
 
-    def replace_oldest(self) -> None:
-        """Ring step (see :meth:`PolicyCache._ring_step`): the newest slot moves into the ring's next slot,
-        which holds the oldest token after the sinks; host indices only, no scatter."""
-        assert self.ring is not None
-        victim, start, end = self.ring
+    def replace_at(self, victim: int) -> None:
+        """:meth:`replace` with the same ``victim`` slot in every sequence and head, a host index: slice copies,
+        no scatter. The caller keeps ``ring_next`` valid."""
         last = self.length - 1
         for name in self._buffers():
             buf = getattr(self, name)
             buf[:, :, victim] = buf[:, :, last]
         self.length = last
-        self.ring[0] = start + (victim + 1 - start) % (end - start)
 
     # -- HF cache protocol ---------------------------------------------------------------------------
     def get_seq_length(self) -> int:
@@ -580,7 +578,7 @@ class PolicyCache(Cache):
         layer.real_tokens = kept
         if in_position_order and type(layer) is PolicyLayer and self._evicts_oldest(layer) and layer.all_valid:
             # kept in position order: slots [0, sinks) the sinks, then the window, oldest first
-            layer.ring = [plan.policy.sinks, plan.policy.sinks, layer.length]
+            layer.ring_next = plan.policy.sinks
 
     def _evicts_oldest(self, layer: PolicyLayer) -> bool:
         """Whether each decode step of ``layer`` evicts exactly its oldest token after the sinks: a policy scoring
@@ -597,13 +595,16 @@ class PolicyCache(Cache):
         """A decode step of a ring layer (StreamingLLM after its prompt, nothing padded): every sequence holds one
         token over its budget, the oldest after the sinks leaves and the new one takes its slot, decided on
         the host (no scoring, no search). False (the general path) in any other state."""
-        if layer.ring is None:
+        victim = layer.ring_next
+        if victim is None:
             return False
         budget = layer.budget_tokens[0]  # type: ignore[index]
         if layer.length != budget + 1 or any(n != budget + 1 for n in layer.real_tokens):
-            layer.ring = None  # padding arrived: the general path takes over for good
+            layer.ring_next = None  # padding arrived: the general path takes over for good
             return False
-        layer.replace_oldest()
+        layer.replace_at(victim)
+        sinks = self.plan.policy.sinks  # the ring is slots [sinks, budget), oldest first from ring_next
+        layer.ring_next = sinks + (victim + 1 - sinks) % (budget - sinks)
         layer.real_tokens = [budget] * len(layer.real_tokens)
         self._count_bytes(layer)
         return True

@@ -21,9 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 import numpy as np
+import torch
 
 from kvcache.attention.gumbel import GumbelLogits, gumbel_noise, numpy_noise_generator  # noqa: F401 (gumbel_noise: re-exported)
 from kvcache.evict.base import EvictionPolicy, Observation, accumulate, check_pooling, pool_scores

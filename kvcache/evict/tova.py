@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from kvcache.evict.base import EvictionPolicy, Observation
-from kvcache.registry import PolicyConfigError, check_choice, param, register
+from kvcache.registry import check_choice, param, register
 
 HEAD_MODES = ("layer", "kv")
 
