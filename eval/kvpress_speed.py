@@ -121,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--keep must be in (0, 1]")
     if a.repeats < 3:
         p.error("--repeats must be >= 3 (a median and a spread)")
+    if a.new_tokens < 1 or a.threads < 1:
+        p.error("--new-tokens and --threads must be >= 1")
     if not (DATA / f"{a.task}.jsonl").exists():
         p.error(f"unknown task data {a.task!r}; files are in {DATA}")
     if a.side != "both":

@@ -60,9 +60,12 @@ def run(args: argparse.Namespace) -> int:
     from kvcache.eval.bench import prompts
     from kvcache.eval.machine import load_average, machine
     from kvcache.budget import check_budget, tokens_for
-    from kvcache.registry import PolicyConfigError
+    from kvcache.registry import PolicyConfigError, check_int
 
     check_budget(args.budget)
+    check_int("--prompt-length", args.prompt_length, 1)
+    check_int("--batch", args.batch, 1)
+    check_int("--new-tokens (decode steps timed after the first)", args.new_tokens, 2)
     if args.repeats < 3:
         raise PolicyConfigError(f"--repeats must be >= 3 (a median and a spread), got {args.repeats}")
     model, tokenizer = load_model(args.model)

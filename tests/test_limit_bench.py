@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -46,3 +47,17 @@ def test_prompt_bench_refuses_fewer_than_three_repeats(capsys) -> None:
         main(["prompt-bench", "--repeats", "2"])
     assert exit_.value.code == 2
     assert "--repeats must be >= 3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, argv, message", [
+    ("prompt-bench", ["--prompt-length", "0"], "--prompt-length must be an integer >= 1"),
+    ("prompt-bench", ["--batch", "0"], "--batch must be an integer >= 1"),
+    ("limit-bench", ["--new-tokens", "1"], "--new-tokens .* must be an integer >= 2"),
+])
+def test_bench_sizes_are_checked_before_any_work(command, argv, message, capsys) -> None:
+    from kvcache.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([command, *argv])
+    assert exit_.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
