@@ -273,3 +273,74 @@ def test_admission_setting():
         kvconfig.parse({"kv_policy": "snapkv", "kv_admission": "greedy"})
     with pytest.raises(KVPluginError, match="without kv_policy"):
         kvconfig.parse({"kv_admission": "reserve"})
+
+
+# ------------------------------------------------------------------------------------------------
+# Growth, prompt logprobs and requests that end at their prompt (the fault cases of issue 27)
+
+
+def test_max_new_tokens_keeps_a_request_inside_the_pool():
+    """A request kept whole holds prompt + generated tokens, a one-shot policy C + generated tokens; a
+    decode-time policy re-compacts to C + k and is not capped."""
+    snapkv = Planner(kvconfig.parse({"kv_policy": "snapkv", "kv_budget": 0.25}), pool_tokens=1152, block_size=128)
+    assert snapkv.max_new_tokens(4) == 1152 - 4  # "Once upon a time": too short to compress, kept whole
+    assert snapkv.max_new_tokens(1000) == 1152 - 250  # C = 250 kept prompt tokens
+    assert snapkv.max_new_tokens(2000) == 1152 - 500
+    h2o = Planner(kvconfig.parse({"kv_policy": "h2o", "kv_budget": 0.25}), pool_tokens=1152, block_size=128)
+    assert h2o.max_new_tokens(1000) is None
+    streaming = Planner(kvconfig.parse({"kv_policy": "streaming", "kv_budget": 0.25}), pool_tokens=1152, block_size=128)
+    assert streaming.max_new_tokens(1000) is None
+    assert streaming.max_new_tokens(4) == 1152 - 4  # shorter than its sinks: kept whole, grows like any request
+    assert Planner(kvconfig.parse({"kv_policy": "snapkv"})).max_new_tokens(1000) is None  # pool unknown
+
+
+def test_prompt_logprobs_requests_are_never_chunk_evicted_and_refused_past_the_pool():
+    planner = Planner(kvconfig.parse({"kv_policy": "snapkv", "kv_budget": 0.25, "kv_chunk_evict": True}), 1152, 128)
+    assert planner.chunk_evicts(1000) and not planner.chunk_evicts(1000, prompt_logprobs=True)
+    plans = []
+    for done in (256, 512, 768, 1000):
+        plan = StepPlan()
+        planner.plan_request(plan, "r", 256, done, 1000, 1000, 8, prompt_logprobs=True)
+        plans.append(plan)
+    assert [p.compact["r"].phase for p in plans if p.compact] == ["prefill"]  # once, after the whole prompt
+    assert planner.prompt_logprobs_refusal(1152) is None
+    message = planner.prompt_logprobs_refusal(1153)
+    assert "1153 tokens" in message and "pool holds 1152" in message and "drop prompt_logprobs" in message
+
+
+def test_a_request_finishing_at_its_prompt_is_neither_captured_nor_compacted():
+    planner = Planner(kvconfig.parse({"kv_policy": "snapkv", "kv_budget": 0.25, "kv_chunk_evict": False}))
+    plan = StepPlan()
+    planner.plan_request(plan, "r", 400, 400, 400, 400, 1, finishes=True)
+    assert not plan.compact and not plan.capture
+    h2o = Planner(kvconfig.parse({"kv_policy": "h2o", "kv_budget": 0.5, "kv_recompact_every": 4}))
+    run_prefill(h2o, "r", 200, chunk=256)
+    for t in range(1, 4):
+        h2o.plan_request(StepPlan(), "r", 1, 200 + t, 200 + t, 200, 4)
+    last = StepPlan()  # the 4th generated token is the last: the re-compaction due at it is skipped
+    h2o.plan_request(last, "r", 1, 204, 204, 200, 4, finishes=True)
+    assert not last.compact and not last.capture
+    # a mid-prompt chunk is still compacted (the prompt must fit), whatever follows
+    chunked = Planner(kvconfig.parse({"kv_policy": "snapkv", "kv_budget": 0.25, "kv_chunk_evict": True}))
+    first = StepPlan()
+    chunked.plan_request(first, "r", 512, 512, 1000, 1000, 1, finishes=True)
+    assert first.compact["r"].phase == "chunk"
+
+
+def test_captured_query_rows_are_copied_out_of_the_steps_buffer():
+    """A request's captured rows must not be a view into the step's capture store, which holds every
+    request's rows of every layer."""
+    import torch
+
+    from kvcache.engine_adapters.vllm.worker import WorkerKV
+
+    state = WorkerKV(kvconfig.parse({"kv_policy": "snapkv", "kv_budget": 0.25}))
+    store = torch.randn(3, 5, 9, 4)  # [L, rows, H_q, D]: request a has rows 0-1, b rows 2-4
+    captured = {"store": store, "owners": [("a", 0, 2, 10), ("b", 2, 3, 20)]}
+    state._store_captures(captured, StepPlan(observe={"a": 32, "b": 32}))
+    for req_id, rows in (("a", slice(0, 2)), ("b", slice(2, 5))):
+        queries = state.requests[req_id].queries
+        assert torch.equal(queries, store[:, rows].transpose(1, 2))
+        assert queries.untyped_storage().data_ptr() != store.untyped_storage().data_ptr()
+        assert queries.untyped_storage().nbytes() == queries.numel() * queries.element_size()
+    assert state.requests["b"].query_pos.tolist() == [20, 21, 22]

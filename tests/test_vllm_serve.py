@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -10,6 +11,7 @@ import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator
 
 import pytest
 
@@ -47,17 +49,13 @@ def kvcache_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "kvcache.cli", "serve", *args]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@contextlib.contextmanager
+def serving(args: list[str], log) -> Iterator[int]:
+    """``kvcache serve ARGS`` on a free local port until /health answers; yields the port, stops it after."""
     port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "server.log"
-    cmd = kvcache_cmd(
-        "smollm2-135m", "--kv-policy", "snapkv", "--kv-budget", "0.25", "--dtype", "float32",  # eager: the plugin sets it
-        "--max-model-len", "4096", "--num-gpu-blocks-override", "48", "--max-num-seqs", "32",
-        "--host", "127.0.0.1", "--port", str(port),
-    )
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ})
+        proc = subprocess.Popen(kvcache_cmd(*args, "--host", "127.0.0.1", "--port", str(port)), stdout=out,
+                                stderr=subprocess.STDOUT, env={**os.environ})
     try:
         deadline = time.time() + 900
         while time.time() < deadline:
@@ -71,13 +69,24 @@ def server(tmp_path_factory):
                 time.sleep(3)
         else:
             pytest.fail(f"server did not come up:\n{log.read_text()[-4000:]}")
-        yield port, log
+        yield port
     finally:
         proc.terminate()
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    args = [
+        "smollm2-135m", "--kv-policy", "snapkv", "--kv-budget", "0.25", "--dtype", "float32",  # eager: the plugin sets it
+        "--max-model-len", "4096", "--num-gpu-blocks-override", "48", "--max-num-seqs", "32",
+    ]
+    with serving(args, log) as port:
+        yield port, log
 
 
 def test_long_context_retrieval_over_openai_api(server):

@@ -82,13 +82,46 @@ class Planner:
         state = self.states.get(req_id)
         return state.shift if state is not None else 0
 
-    def chunk_evicts(self, prompt_len: int) -> bool:
-        """Whether a prompt of ``prompt_len`` tokens is compacted after every prefill chunk. Scoring a chunk
-        sees only that chunk's last queries, not the question at the prompt's end, so "auto" (the default)
-        does it only for prompts longer than half the pool; the others are scored once, as in the HF adapter."""
+    def chunk_evicts(self, prefill_len: int, prompt_logprobs: bool = False) -> bool:
+        """Whether a prefill of ``prefill_len`` tokens (a prompt, or a preempted request's prompt and generated
+        tokens, recomputed) is compacted after every chunk. Scoring a chunk sees only that chunk's last queries,
+        not the question at the prompt's end, so "auto" (the default) does it only for prefills longer than half
+        the pool; the others are scored once, as in the HF adapter. A request asking for ``prompt_logprobs`` is
+        never chunk-evicted: later chunks would attend to the kept tokens only, and its prompt logprobs would
+        differ from the full cache's (the front end refuses such a prompt when the pool cannot hold it whole)."""
+        if prompt_logprobs:
+            return False
         if self.cfg.chunk_evict is not None:
             return self.cfg.chunk_evict
-        return self.pool_tokens is not None and prompt_len > AUTO_CHUNK_EVICT_SHARE * self.pool_tokens
+        return self.pool_tokens is not None and prefill_len > AUTO_CHUNK_EVICT_SHARE * self.pool_tokens
+
+    def prompt_logprobs_refusal(self, prompt_len: int) -> str | None:
+        """Why a request asking for ``prompt_logprobs`` cannot be served (None: it can). Such a request is never
+        chunk-evicted (:meth:`chunk_evicts`), so its prompt must fit the pool whole."""
+        if self.pool_tokens is None or prompt_len <= self.pool_tokens:
+            return None
+        return (
+            f"kvcache: prompt_logprobs (or echo with logprobs) need the whole prompt in the KV cache, but this prompt "
+            f"has {prompt_len} tokens and the pool holds {self.pool_tokens}: with eviction after each prefill chunk "
+            "later chunks would attend only to the kept tokens and their logprobs would be wrong. Send a prompt of at "
+            f"most {self.pool_tokens} tokens, drop prompt_logprobs/echo, or start the server with a larger KV pool"
+        )
+
+    def max_new_tokens(self, prompt_len: int) -> int | None:
+        """The most tokens a request may generate so that its planned footprint, alone, fits the KV pool
+        (None: any number; the pool's size unknown, or a decode-time policy that re-compacts to C + k).
+
+        A request kept whole holds its prompt and every generated token; a one-shot policy (SnapKV) holds C
+        kept prompt tokens and every generated token. Past the pool's size neither can grow, so the scheduler
+        caps ``max_tokens`` here instead of letting the request preempt itself and wait forever."""
+        if self.pool_tokens is None:
+            return None
+        budget = self.plan.request(prompt_len)
+        if budget.compressed and self.policy.every_step:
+            if budget.capacity + recompact_tokens(self.cfg, budget.capacity, self.block_size) <= self.pool_tokens:
+                return None
+        kept = budget.capacity if budget.compressed else prompt_len
+        return max(0, self.pool_tokens - kept)
 
     def forget(self, req_id: str) -> None:
         self.states.pop(req_id, None)
@@ -119,11 +152,17 @@ class Planner:
         num_tokens: int,
         prompt_len: int,
         max_new_tokens: int | None,
+        finishes: bool = False,
+        prompt_logprobs: bool = False,
     ) -> None:
-        """Add one scheduled request to ``plan``; ``logical_after`` counts this step's tokens."""
+        """Add one scheduled request to ``plan``; ``logical_after`` counts this step's tokens. ``finishes``: the
+        token this step samples is the request's last (``max_tokens`` or the model's length reached), so its
+        cache is freed right after: nothing is captured or compacted at that step."""
         state = self.states.get(req_id)
         if state is None:
-            state = self.states[req_id] = RequestState(self.plan.request(prompt_len), self.chunk_evicts(prompt_len))
+            state = self.states[req_id] = RequestState(
+                self.plan.request(prompt_len), self.chunk_evicts(num_tokens, prompt_logprobs)
+            )
         if state.shift:
             plan.shift[req_id] = state.shift
         budget = state.budget
@@ -135,20 +174,21 @@ class Planner:
         capacity = budget.capacity
         generated = max(0, logical_after - prompt_len)
         compaction = None
+        finishes = finishes and samples
         if not state.compressed:
             observed = self.plan.observed_queries(prompt_len, MAX_OBSERVED)
-            if observed:
+            if observed and not finishes:
                 plan.capture[req_id] = min(num_scheduled, observed)
                 plan.observe[req_id] = observed
             if samples:
                 state.compressed = True
                 extra = 0 if every_step else generated
                 target = capacity + extra
-                if physical_after > target:
+                if physical_after > target and not finishes:
                     compaction = ("prefill", target, self.plan.recent(target, extra))
             elif state.chunk_evict and physical_after > capacity:
                 compaction = ("chunk", capacity, self.plan.recent(capacity))
-        elif every_step:
+        elif every_step and not finishes:
             if self.plan.observed_queries(prompt_len):  # decode queries score too (not for position-only policies)
                 plan.capture[req_id] = num_scheduled
                 plan.decode_capture.add(req_id)

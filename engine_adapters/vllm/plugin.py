@@ -277,6 +277,52 @@ def _patch_kv_cache_utils(module: Any) -> None:
         _repoint_engine_core(sys.modules["vllm.v1.engine.core"])
 
 
+def _patch_input_processor(module: Any) -> None:
+    """The front end's request check (``InputProcessor.process_inputs``, where vLLM refuses a prompt longer than
+    ``max_model_len`` with a 400): a request the plugin would serve wrongly is refused there too (prompt logprobs
+    of a prompt the pool cannot hold whole; :meth:`Planner.prompt_logprobs_refusal`)."""
+    cls = module.InputProcessor
+    if getattr(cls, "_kvcache_patched", False):
+        return
+    original = cls.process_inputs
+
+    @functools.wraps(original)
+    def process_inputs(self, *args, **kwargs):
+        request = original(self, *args, **kwargs)
+        params = getattr(request, "sampling_params", None)
+        if params is not None and params.prompt_logprobs is not None and request.prompt_token_ids is not None:
+            planner = _front_end_planner(self.vllm_config)
+            problem = planner.prompt_logprobs_refusal(len(request.prompt_token_ids)) if planner is not None else None
+            if problem is not None:
+                from vllm.exceptions import VLLMValidationError
+
+                raise VLLMValidationError(problem, parameter="prompt_logprobs")
+        return request
+
+    cls.process_inputs = process_inputs
+    cls._kvcache_patched = True
+
+
+def _front_end_planner(vllm_config: Any) -> Any:
+    """The plan's rules in the front-end process, with the KV pool's size once the engine reported it (None:
+    plugin inert, or the pool not known yet)."""
+    blocks = vllm_config.cache_config.num_gpu_blocks
+    cfg = kvconfig.parse(vllm_config.additional_config)
+    if cfg is None or not blocks:
+        return None
+    from kvcache.engine_adapters.vllm.plan import Planner
+
+    block_size = vllm_config.cache_config.block_size
+    key = (id(vllm_config), blocks, block_size, repr(cfg.as_dict()))
+    cached = _FRONT_END_PLANNERS.get(key)
+    if cached is None:
+        cached = _FRONT_END_PLANNERS[key] = Planner(cfg, (blocks - 1) * block_size, block_size)
+    return cached
+
+
+_FRONT_END_PLANNERS: dict[tuple, Any] = {}
+
+
 def _repoint_engine_core(module: Any) -> None:
     """``vllm.v1.engine.core`` imports ``get_kv_cache_configs`` by name; point it at the patched one."""
     utils = sys.modules.get("vllm.v1.core.kv_cache_utils")
@@ -316,6 +362,7 @@ def _install_import_hooks() -> None:
     _HOOKS["vllm.v1.worker.gpu_model_runner"] = _patch_model_runner
     _HOOKS["vllm.v1.core.kv_cache_utils"] = _patch_kv_cache_utils
     _HOOKS["vllm.v1.engine.core"] = _repoint_engine_core
+    _HOOKS["vllm.v1.engine.input_processor"] = _patch_input_processor
     for name, hook in _HOOKS.items():
         if name in sys.modules:
             hook(sys.modules[name])

@@ -17,6 +17,13 @@ Seams in vLLM 0.32 (``vllm/v1/core/sched/scheduler.py``, ``vllm/v1/core/kv_cache
   whose decode growth later overflows the pool, and vLLM preempts, which recomputes a whole prompt.
 * ``Scheduler._preempt_request`` — a preempted request loses its blocks and recomputes from scratch;
   its eviction state is dropped so the recomputed prompt is evicted again.
+* Growth (``Scheduler.add_request``): vLLM's start-up check (the pool holds one request of ``max_model_len``)
+  is loosened to "kept prompt + one chunk" (:mod:`~kvcache.engine_adapters.vllm.plugin`), so a request that
+  keeps every generated token (kept whole, or a one-shot policy such as SnapKV) could outgrow the pool. Its
+  ``max_tokens`` is capped at what the pool holds beside its kept prompt (:meth:`Planner.max_new_tokens`); it
+  ends with finish reason ``length``. As a last guard, a request that cannot grow even after every other one
+  was preempted (nothing left to free) ends with ``length`` instead of preempting itself, and a waiting request
+  whose recomputation could never fit the empty pool is ended the same way: no request waits forever.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import logging
 from typing import Any
 
 from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.request import RequestStatus
 
@@ -51,6 +59,8 @@ class KVCacheScheduler(Scheduler):
         self.kv_cfg = kvconfig.parse(self.vllm_config.additional_config)
         self.kv_planner: Planner | None = None
         self._kv_preempted: set[str] = set()
+        self._kv_scheduling = False  # inside schedule(): a preemption there is the pool running out
+        self._kv_stuck: set[str] = set()  # requests that can never get the blocks they need: end with "length"
         self.kv_stats = {"compactions": 0, "blocks_freed": 0, "tokens_evicted": 0, "preemptions": 0}
         if self.kv_cfg is None:
             return
@@ -95,18 +105,29 @@ class KVCacheScheduler(Scheduler):
         """Tokens the KV pool holds (vLLM's null block excluded)."""
         return (self.kv_cache_manager.block_pool.num_gpu_blocks - 1) * self.kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
 
-    def _kv_admission_fits(self, request: Any) -> bool | None:
-        """Whether the request's peak physical length fits the free blocks (None: use vLLM's own check)."""
+    def _kv_chunk_evicts(self, request: Any) -> bool:
+        """Whether the request's prefill (its prompt, or after a preemption its prompt and generated tokens)
+        is compacted chunk by chunk."""
+        prompt_logprobs = request.sampling_params is not None and request.sampling_params.prompt_logprobs is not None
+        return self.kv_planner.chunk_evicts(request.num_tokens, prompt_logprobs)
+
+    def _kv_admission_blocks(self, request: Any) -> int | None:
+        """Blocks the request's prefill holds at its peak (None: the plugin does not change vLLM's count, the
+        whole sequence). Evicted after every chunk it holds the kept prompt plus one chunk: C + chunk."""
         planner = self.kv_planner
-        if planner is None or not planner.policy.compresses or not planner.chunk_evicts(request.num_prompt_tokens):
+        if planner is None or not planner.policy.compresses or not self._kv_chunk_evicts(request):
             return None
         capacity = planner.plan.request(request.num_prompt_tokens).capacity
-        generated = max(0, request.num_tokens - request.num_prompt_tokens)
-        peak = min(request.num_tokens, capacity + generated + self.max_num_scheduled_tokens)
+        return blocks_for(min(request.num_tokens, capacity + self.max_num_scheduled_tokens), self.kv_block_size)
+
+    def _kv_admission_fits(self, request: Any) -> bool | None:
+        """Whether the request's peak physical length fits the free blocks (None: use vLLM's own check)."""
+        peak = self._kv_admission_blocks(request)
+        if peak is None:
+            return None
         manager = self.kv_cache_manager.coordinator.single_type_managers[0]
         held = len(manager.req_to_blocks.get(request.request_id, ()))
-        need = blocks_for(peak, self.kv_block_size) - held
-        return need <= self.kv_cache_manager.block_pool.get_num_free_blocks()
+        return peak - held <= self.kv_cache_manager.block_pool.get_num_free_blocks()
 
     def _kv_growth_reserved(self, request: Any) -> bool:
         """``kv_admission=reserve``: whether admitting ``request`` leaves the running compressed requests the
@@ -138,18 +159,63 @@ class KVCacheScheduler(Scheduler):
         policy = self.kv_cfg.policy_name if self.kv_cfg is not None else "none"
         return metrics.labels_for(self.vllm_config, policy)
 
+    def add_request(self, request: Any) -> None:
+        if self.kv_planner is not None and request.request_id not in self.requests:
+            self._kv_cap_max_tokens(request)
+        super().add_request(request)
+
+    def _kv_cap_max_tokens(self, request: Any) -> None:
+        """Cap ``max_tokens`` at what the pool holds beside the request's kept prompt (:meth:`Planner.max_new_tokens`)."""
+        limit = self.kv_planner.max_new_tokens(request.num_prompt_tokens)
+        if limit is None or request.max_tokens <= limit:
+            return
+        logger.warning(
+            "kvcache: request %s: max_tokens %d capped to %d (finish reason 'length'): the KV pool holds %d tokens and "
+            "%s keeps %s; use a decode-time policy (streaming, h2o, keyformer, tova), or a larger pool",
+            request.request_id, request.max_tokens, max(1, limit), self.kv_pool_tokens(), self.kv_cfg.policy_name,
+            "every token of this request" if not self.kv_planner.plan.request(request.num_prompt_tokens).compressed
+            else "the kept prompt and every generated token",
+        )
+        request.max_tokens = max(1, limit)
+
     def _preempt_request(self, request: Any, *args: Any, **kwargs: Any) -> Any:
         self.kv_stats["preemptions"] += 1  # counted with the plugin inert too (benchmarks compare with stock)
         metrics.count("preemptions", 1, self._kv_labels())
         if self.kv_planner is not None:
             self.kv_planner.forget(request.request_id)
             self._kv_preempted.add(request.request_id)
-        return super()._preempt_request(request, *args, **kwargs)
+        result = super()._preempt_request(request, *args, **kwargs)
+        if self.kv_planner is not None and self._kv_scheduling and not self.running:
+            # Every other request was preempted and this one still cannot grow: nothing is left to free, and
+            # its recomputation would need at least the blocks it just held. It ends with "length".
+            self._kv_stuck.add(request.request_id)
+        return result
+
+    def _kv_find_unplaceable(self) -> None:
+        """Waiting (preempted) requests whose recomputation needs more blocks than the whole pool: they would
+        wait forever, so they end with "length" (a safety net; admission and the max_tokens cap avoid them)."""
+        pool_blocks = self.kv_cache_manager.block_pool.num_gpu_blocks - 1
+        for request in self.waiting:
+            if request.status != RequestStatus.PREEMPTED:
+                continue
+            need = self._kv_admission_blocks(request)
+            if need is None:
+                need = blocks_for(request.num_tokens, self.kv_block_size)
+            if need > pool_blocks:
+                self._kv_stuck.add(request.request_id)
 
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
-        output = super().schedule(*args, **kwargs)
         if self.kv_planner is None:
-            return output
+            return super().schedule(*args, **kwargs)
+        self._kv_find_unplaceable()
+        if self._kv_stuck:  # out of the queues before vLLM tries to admit them
+            self._kv_finished_stuck = self.finish_requests(self._kv_stuck, RequestStatus.FINISHED_LENGTH_CAPPED)
+            self._kv_stuck = set()
+        self._kv_scheduling = True
+        try:
+            output = super().schedule(*args, **kwargs)
+        finally:
+            self._kv_scheduling = False
         plan = StepPlan(reset=set(self._kv_preempted))
         self._kv_preempted.clear()
         for req_id, num_scheduled in output.num_scheduled_tokens.items():
@@ -162,6 +228,11 @@ class KVCacheScheduler(Scheduler):
                 num_tokens=request.num_tokens,
                 prompt_len=request.num_prompt_tokens,
                 max_new_tokens=request.max_tokens,
+                finishes=(
+                    request.num_output_tokens + 1 >= request.max_tokens or request.num_tokens + 1 >= self.max_model_len
+                ),
+                prompt_logprobs=request.sampling_params is not None
+                and request.sampling_params.prompt_logprobs is not None,
             )
         attach(output, plan)
         return output
@@ -170,7 +241,21 @@ class KVCacheScheduler(Scheduler):
         plan = plan_of(scheduler_output)
         if plan is not None and plan.compact:
             self._free_evicted_blocks(plan)
+        stuck = self.finish_requests(self._kv_stuck, RequestStatus.FINISHED_LENGTH_CAPPED) if self._kv_stuck else []
+        self._kv_stuck = set()
+        stuck += getattr(self, "_kv_finished_stuck", [])
+        self._kv_finished_stuck = []
         result = super().update_from_output(scheduler_output, model_runner_output)
+        for request in stuck:
+            logger.warning(
+                "kvcache: request %s ended with finish reason 'length' after %d generated tokens: it cannot grow in "
+                "the KV pool (%d tokens) even alone", request.request_id, request.num_output_tokens, self.kv_pool_tokens(),
+            )
+            outputs = result.setdefault(request.client_index, EngineCoreOutputs())
+            outputs.outputs.append(EngineCoreOutput(
+                request_id=request.request_id, new_token_ids=[], finish_reason=request.get_finished_reason(),
+                events=request.take_events(), trace_headers=request.trace_headers,
+            ))
         if self.kv_planner is not None:
             for req_id in list(self.kv_planner.states):
                 if req_id not in self.requests:

@@ -341,8 +341,9 @@ class WorkerKV:
             if req_id in plan.decode_capture and not buffers.decode:
                 buffers.queries, buffers.query_pos, buffers.decode = None, None, True
             positions = torch.arange(first_pos, first_pos + count, device=store.device)
-            q = store[:, offset : offset + count].transpose(1, 2)  # [L, H_q, n, D]
-            buffers.queries = q if buffers.queries is None else torch.cat([buffers.queries, q], dim=2)
+            q = store[:, offset : offset + count].transpose(1, 2)  # [L, H_q, n, D], a view into the step's store
+            # a copy: a view would hold the whole step's store (every request's rows) until this one compacts
+            buffers.queries = q.clone() if buffers.queries is None else torch.cat([buffers.queries, q], dim=2)
             buffers.query_pos = positions if buffers.query_pos is None else torch.cat([buffers.query_pos, positions])
             keep = plan.observe.get(req_id)
             if not buffers.decode and keep is not None and buffers.query_pos.numel() > keep:
