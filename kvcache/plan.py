@@ -24,7 +24,7 @@ Nothing here imports an engine.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -50,25 +50,45 @@ class RequestBudget:
 class KVPlan:
     """The eviction policy, the user's budget and the layer-budget policy, asked the same way by every engine."""
 
-    def __init__(self, policy: EvictionPolicy, budget: float | int, layer_budget: LayerBudget | None = None) -> None:
-        check_budget(budget)
+    def __init__(
+        self, policy: EvictionPolicy, budget: float | int | Sequence[float | int], layer_budget: LayerBudget | None = None
+    ) -> None:
+        rows = tuple(budget) if isinstance(budget, (list, tuple)) else None
+        if rows is not None and not rows:
+            raise PolicyConfigError("budget: a per-row list needs one budget per batch row, got an empty list")
+        for value in rows or (budget,):
+            check_budget(value)
         self.policy = policy
-        self.budget = budget
+        self.budget = budget if rows is None else rows
+        self.row_budgets = rows  # one budget per batch row (a batch whose rows chose their own), or None
         self.layer_budget = layer_budget
-        self.keeps_everything = not policy.compresses or (isinstance(budget, float) and budget == 1.0)
+        self.keeps_everything = not policy.compresses or all(_full(value) for value in rows or (budget,))
+
+    def budget_of(self, row: int | None = None) -> float | int:
+        """The budget of batch row ``row`` (the one budget when there is no per-row list)."""
+        if self.row_budgets is None:
+            return self.budget
+        if row is None or not 0 <= row < len(self.row_budgets):
+            raise PolicyConfigError(
+                f"budget lists {len(self.row_budgets)} per-row budgets but batch row {row} was asked for; pass one "
+                "budget per row of the batch (or one budget for all)"
+            )
+        return self.row_budgets[row]
 
     # -- one request -------------------------------------------------------------------------------
-    def request(self, prompt_len: int) -> RequestBudget:
-        """The budget of a request whose prompt has ``prompt_len`` real tokens."""
+    def request(self, prompt_len: int, row: int | None = None) -> RequestBudget:
+        """The budget of a request whose prompt has ``prompt_len`` real tokens (batch row ``row`` where the
+        budget is a per-row list)."""
         sinks = self.policy.sinks
-        if self.keeps_everything:
+        budget = self.budget_of(row)
+        if self.keeps_everything or _full(budget):
             return RequestBudget(prompt_len, prompt_len, self.policy.recent_tokens(prompt_len), sinks, False)
-        capacity = tokens_for(self.budget, prompt_len)
+        capacity = tokens_for(budget, prompt_len)
         if self.policy.protected_tokens(capacity) > capacity:  # the window and sinks alone overflow the budget
             note = None
             if prompt_len > capacity:
                 note = (
-                    f"a prompt of {prompt_len} tokens at budget {self.budget} keeps {capacity} tokens, fewer than "
+                    f"a prompt of {prompt_len} tokens at budget {budget} keeps {capacity} tokens, fewer than "
                     f"{self.policy.registry_name}'s recent window ({self.policy.recent_tokens(capacity)}) + sinks "
                     f"({sinks}); left uncompressed"
                 )
@@ -162,6 +182,11 @@ class KVPlan:
             "budget": self.budget,
             "layer_budget": getattr(self.layer_budget, "registry_name", None),
         }
+
+
+def _full(budget: float | int) -> bool:
+    """Budget 1.0: the whole prompt (a token count never means "everything")."""
+    return isinstance(budget, float) and budget == 1.0
 
 
 def blocks_for(tokens: int, block_size: int) -> int:

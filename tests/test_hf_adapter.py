@@ -218,3 +218,44 @@ def test_a_prompt_too_short_for_the_policy_is_left_uncompressed(make_model):
     assert kept[1].max() < 100
     assert torch.equal(alone.sequences, reference.sequences)
     assert out.sequences.shape[0] == 2
+
+
+@pytest.mark.parametrize("setting", [
+    {"policy": "snapkv", "window": 4},
+    {"policy": "h2o"},
+    {"policy": "streaming"},
+    {"policy": "snapkv", "window": 4, "head_budget": "adaptive"},
+    {"policy": "snapkv", "window": 4, "layer_budget": "pyramid"},
+    {"policy": "snapkv", "window": 4, "quant": "kivi:bits=4:group_size=8"},
+    {"policy": "h2o", "prefill_chunk": 16},
+])
+def test_one_budget_per_row_gives_each_row_its_single_run(make_model, setting):
+    """``budget=[0.5, 1.0, 12]``: every row keeps its own count (1.0: the whole row) and generates what it
+    generates alone with that budget, in the dense, ragged (adaptive heads), pyramid, quantised and chunked
+    layouts."""
+    model = make_model("llama")
+    # chunked prefill cuts the padded batch at the same columns, so rows of one length match their single runs
+    lengths = [36, 36, 36] if "prefill_chunk" in setting else [36, 30, 40]
+    budgets = [0.5, 1.0, 12]
+    ids, mask = padded_batch(lengths, seed=7)
+    setting = dict(setting)
+    policy = setting.pop("policy")
+    with kv_policy(model, policy, budget=budgets, **setting):
+        batch = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    for row, (n, budget) in enumerate(zip(lengths, budgets)):
+        with kv_policy(model, policy, budget=budget, **setting):
+            single = model.generate(input_ids=ids[row : row + 1, -n:], attention_mask=mask[row : row + 1, -n:],
+                                    max_new_tokens=6, do_sample=False)
+        assert torch.equal(batch[row, -6:], single[0, -6:]), (row, budget)
+
+
+def test_per_row_budgets_must_match_the_batch(make_model):
+    model = make_model("llama")
+    ids, mask = padded_batch([20, 24], seed=1)
+    with pytest.raises(PolicyConfigError, match="budget lists 3 per-row budgets but the batch has 2 rows"):
+        with kv_policy(model, "snapkv", budget=[0.5, 0.5, 1.0], window=4):
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+    for bad, message in (([], "empty list"), ([0.5, 1.5], r"budget 1.5 as a fraction")):
+        with pytest.raises(PolicyConfigError, match=message):
+            with kv_policy(model, "snapkv", budget=bad):
+                pass

@@ -344,3 +344,85 @@ def test_captured_query_rows_are_copied_out_of_the_steps_buffer():
         assert queries.untyped_storage().data_ptr() != store.untyped_storage().data_ptr()
         assert queries.untyped_storage().nbytes() == queries.numel() * queries.element_size()
     assert state.requests["b"].query_pos.tolist() == [20, 21, 22]
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-request settings (SamplingParams.extra_args; vllm_xargs in the OpenAI API)
+
+
+def test_request_overrides_pick_the_kv_keys_and_refuse_unknown_ones():
+    assert kvconfig.request_overrides(None) == () and kvconfig.request_overrides({"other": 1}) == ()
+    assert kvconfig.request_overrides({"kv_budget": 0.5, "kv_policy": "h2o", "top": 2}) == (
+        ("kv_budget", 0.5), ("kv_policy", "h2o"),
+    )
+    with pytest.raises(KVPluginError, match="unknown per-request kv setting kv_bugdet; a request may set kv_policy, kv_budget, kv_window"):
+        kvconfig.request_overrides({"kv_bugdet": 0.5})
+    with pytest.raises(KVPluginError, match="kv_budget must be a number or a string"):
+        kvconfig.request_overrides({"kv_budget": [0.5]})
+
+
+def test_a_request_config_is_the_servers_with_its_own_settings():
+    server = kvconfig.parse({"kv_policy": "snapkv:window=16", "kv_budget": 0.25, "kv_window": 8, "kv_recompact_every": 4})
+    assert server.for_request(()) is server
+    half = server.for_request((("kv_budget", 0.5),))
+    assert (half.policy_spec, half.budget, half.window, half.recompact_every) == ("snapkv:window=16", 0.5, 8, 4)
+    other = server.for_request((("kv_policy", "h2o"),))  # another policy: its own defaults, not the server's window
+    assert (other.policy_name, other.budget, other.window) == ("h2o", 0.25, None)
+    assert server.for_request((("kv_budget", "1.0"),)).create_plan().keeps_everything  # opting out
+    for overrides, message in [
+        ((("kv_budget", 7.5),), "invalid per-request setting"),
+        ((("kv_policy", "nope"),), "per-request kv_policy.*snapkv"),
+        ((("kv_budget", 7),), "per-request kv_budget 7"),  # 7 tokens cannot hold snapkv's window
+        ((("kv_policy", "none"),), "must name a policy"),
+    ]:
+        with pytest.raises(KVPluginError, match=message):
+            server.for_request(overrides)
+
+
+def test_server_limits_on_what_requests_may_ask():
+    any_policy = kvconfig.parse({"kv_policy": "snapkv", "kv_budget": 0.25})
+    any_policy.check_request(any_policy.for_request((("kv_policy", "h2o"), ("kv_budget", 0.05))), 1000)
+    limited = kvconfig.parse({
+        "kv_policy": "snapkv", "kv_budget": 0.25, "kv_request_policies": "streaming,full", "kv_request_min_budget": 0.2,
+    })
+    assert limited.request_policies == ("streaming", "full") and limited.as_dict()["kv_request_min_budget"] == 0.2
+    limited.check_request(limited.for_request((("kv_policy", "streaming"),)), 1000)
+    limited.check_request(limited.for_request((("kv_budget", 1.0),)), 1000)  # the full cache is always allowed
+    limited.check_request(limited.for_request((("kv_budget", 200),)), 1000)  # 200 tokens = 0.2 of this prompt
+    with pytest.raises(KVPluginError, match="kv_policy 'h2o' is not allowed on this server; allowed: full, snapkv, streaming"):
+        limited.check_request(limited.for_request((("kv_policy", "h2o"),)), 1000)
+    with pytest.raises(KVPluginError, match=r"kv_budget 0.1 keeps 100 of this prompt's 1000 tokens, below .* 0.2 \(200 tokens"):
+        limited.check_request(limited.for_request((("kv_budget", 0.1),)), 1000)
+    closed = kvconfig.parse({"kv_policy": "snapkv", "kv_request_policies": "none"})
+    closed.check_request(closed.for_request(()), 1000)
+    with pytest.raises(KVPluginError, match="takes no per-request kv settings"):
+        closed.check_request(closed.for_request((("kv_budget", 0.5),)), 1000)
+    with pytest.raises(KVPluginError, match="kv_request_policies.*snapkv"):
+        kvconfig.parse({"kv_policy": "snapkv", "kv_request_policies": "snapkv,bogus"})
+    with pytest.raises(KVPluginError, match="kv_request_min_budget|budget"):
+        kvconfig.parse({"kv_policy": "snapkv", "kv_request_min_budget": "lots"})
+
+
+def test_each_request_follows_its_own_rule():
+    """Two requests of one prompt with budgets 0.25 and 0.5, and one naming StreamingLLM: each is planned with
+    its own capacity, policy and re-compaction; the settings survive a preemption and go with the request."""
+    planner = Planner(kvconfig.parse({"kv_policy": "snapkv", "kv_budget": 0.25, "kv_chunk_evict": False}), 4096, 128)
+    planner.assign("half", (("kv_budget", 0.5),))
+    planner.assign("stream", kvconfig.request_overrides({"kv_policy": "streaming", "kv_budget": 0.25}))
+    assert planner.assign("plain", ()) is planner.default and "plain" not in planner.rules
+    targets = {}
+    for req in ("plain", "half", "stream"):
+        plans = run_prefill(planner, req, 400, chunk=512)
+        c = plans[-1].compact[req]
+        targets[req] = (c.target, c.policy, c.overrides)
+    assert targets == {
+        "plain": (100, "snapkv", ()),
+        "half": (200, "snapkv", (("kv_budget", 0.5),)),
+        "stream": (100, "streaming", (("kv_budget", 0.25), ("kv_policy", "streaming"))),
+    }
+    assert planner.max_new_tokens(400, planner.rule("half")) == 4096 - 200
+    assert planner.max_new_tokens(400, planner.rule("stream")) is None  # re-compacts: bounded
+    planner.forget("half")  # preempted: eviction state gone, settings kept
+    assert planner.rule("half").cfg.budget == 0.5
+    planner.release("half")
+    assert planner.rule("half") is planner.default and "half" not in planner.states

@@ -8,6 +8,7 @@ pool and the worker's state can be read; its eviction settings are swapped betwe
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -310,3 +311,89 @@ def test_seeded_sampling_of_a_chunked_prompt_does_not_kill_the_engine(llm, promp
     configure(llm, kv_policy="snapkv", kv_budget=0.25)  # with eviction after each chunk, too
     assert len(sample()) == 10
     assert len(generate(llm, prompts[2:])[0]) == 12
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-request settings: SamplingParams(extra_args=...) (vllm_xargs in the OpenAI API)
+
+
+def test_a_request_opting_out_with_budget_one_equals_stock_vllm(llm, prompts, stock):
+    inprocess = configure(llm, kv_policy="snapkv", kv_budget=0.25)
+    assert generate(llm, prompts, extra_args={"kv_budget": 1.0}) == stock
+    assert inprocess.scheduler(llm).kv_stats["compactions"] == 0
+
+
+def test_two_requests_with_their_own_budgets_keep_and_free_their_own_blocks(llm, prompts):
+    """Budgets 0.25 and 0.5 side by side on one server: each request keeps its own count after its prompt,
+    gives the tokens it gives alone on a server launched with that budget, and frees its own blocks."""
+    from vllm import SamplingParams
+
+    prompt = prompts[0]
+    alone = {}
+    for budget in (0.25, 0.5):
+        configure(llm, kv_policy="snapkv", kv_budget=budget, kv_chunk_evict=False)
+        alone[budget] = generate(llm, [prompt], max_tokens=8)[0]
+    inprocess = configure(llm, kv_policy="snapkv", kv_budget=0.1, kv_chunk_evict=False)
+    sched = inprocess.scheduler(llm)
+    initial = inprocess.free_blocks(llm)
+    for budget in (0.25, 0.5):
+        sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, extra_args={"kv_budget": budget})
+        llm.llm_engine.add_request(f"own-{budget}", {"prompt_token_ids": prompt}, sp)
+    held = {}
+
+    def observe():
+        for budget in (0.25, 0.5):
+            req_id = internal(sched, f"own-{budget}")
+            if req_id is not None and sched.requests[req_id].num_output_tokens >= 1:
+                held.setdefault(budget, inprocess.request_blocks(llm)[req_id])
+
+    finished = step_until_done(llm, observe)
+    for budget in (0.25, 0.5):
+        assert held[budget] == -(-math.ceil(budget * len(prompt)) // 128)  # its own C, not the server's 0.1
+        assert finished[f"own-{budget}"] == alone[budget]
+    assert held[0.5] > held[0.25]
+    assert inprocess.free_blocks(llm) == initial and not sched.kv_planner.rules
+
+
+def test_a_request_naming_another_policy_runs_it(llm, prompts):
+    """On a SnapKV server, a request asking for StreamingLLM (every k tokens back to C) gives the tokens of a
+    StreamingLLM server and is re-compacted during decode; its compactions carry its policy."""
+    configure(llm, kv_policy="streaming", kv_budget=0.25, kv_chunk_evict=False)
+    want = generate(llm, [prompts[1]], max_tokens=24)
+    inprocess = configure(llm, kv_policy="snapkv", kv_budget=0.25, kv_chunk_evict=False)
+    got = generate(llm, [prompts[1]], max_tokens=24, extra_args={"kv_policy": "streaming"})
+    assert got == want
+    state = inprocess.model_runner(llm)._kvcache_state
+    assert state.stats["compactions"] >= 2  # the prompt, then decode re-compactions SnapKV never does
+    assert (("kv_policy", "streaming"),) in state.policies
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"kv_budget": 7.5}, "invalid per-request setting"),
+    ({"kv_policy": "nope"}, "per-request kv_policy: unknown evict policy 'nope'"),
+    ({"kv_bugdet": 0.5}, "unknown per-request kv setting kv_bugdet"),
+    ({"kv_policy": "h2o"}, "kv_policy 'h2o' is not allowed on this server; allowed: snapkv, streaming"),
+    ({"kv_budget": 0.05}, "below the server's minimum budget 0.1"),
+])
+def test_bad_per_request_settings_are_refused_and_the_engine_goes_on(llm, prompts, extra, message):
+    from vllm.exceptions import VLLMValidationError
+
+    configure(llm, kv_policy="snapkv", kv_budget=0.25, kv_request_policies="snapkv,streaming", kv_request_min_budget=0.1)
+    with pytest.raises(VLLMValidationError, match=message):
+        generate(llm, prompts[1:2], max_tokens=2, extra_args=extra)
+    assert len(generate(llm, prompts[1:2], max_tokens=2, extra_args={"kv_policy": "streaming"})[0]) == 2
+
+
+def test_bad_settings_that_reach_the_engine_end_that_request_only(llm, prompts, monkeypatch):
+    """Were the front end's check bypassed, the scheduler still refuses the request alone (finish reason
+    error), and the engine serves the next one."""
+    from kvcache.engine_adapters.vllm import plugin
+
+    configure(llm, kv_policy="snapkv", kv_budget=0.25)
+    monkeypatch.setattr(plugin, "request_problem", lambda *args: None)
+    from vllm import SamplingParams
+
+    sp = SamplingParams(temperature=0, max_tokens=4, extra_args={"kv_policy": "nope"})
+    out = llm.generate([{"prompt_token_ids": prompts[1]}], sp, use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "error" and not out.token_ids
+    assert len(generate(llm, prompts[1:2], max_tokens=2)[0]) == 2

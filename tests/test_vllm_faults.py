@@ -106,8 +106,8 @@ def assert_clean(llm):
     assert inprocess.free_blocks(llm) == BLOCKS - 1
     assert not sched.requests and not sched.running and not len(sched.waiting)
     if sched.kv_planner is not None:
-        assert not sched.kv_planner.states
-    assert not sched._kv_preempted and not sched._kv_stuck
+        assert not sched.kv_planner.states and not sched.kv_planner.rules
+    assert not sched._kv_preempted and not sched._kv_ending and not sched._kv_ended
     state = inprocess.model_runner(llm)._kvcache_state
     assert state is None or not state.requests
 
@@ -290,15 +290,9 @@ def small_server(tmp_path_factory):
 
 def complete(port: int, timeout: float = 600, **body) -> tuple[int, dict]:
     """POST /v1/completions; (HTTP status, JSON body) for errors too. The timeout is the guard against a hang."""
-    import json
-    import urllib.error
+    from test_vllm_serve import post_status
 
-    from test_vllm_serve import post
-
-    try:
-        return 200, post(port, "/v1/completions", {"model": "smollm2-135m", "temperature": 0, **body}, timeout=timeout)
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b"{}")
+    return post_status(port, "/v1/completions", {"model": "smollm2-135m", "temperature": 0, **body}, timeout=timeout)
 
 
 def test_serve_a_request_outgrowing_the_pool_returns_with_length(small_server):
@@ -316,8 +310,17 @@ def test_serve_prompt_logprobs_past_the_pool_get_a_400_and_the_server_goes_on(sm
     status, reply = complete(port, prompt=document(120), max_tokens=1, prompt_logprobs=0)
     assert status == 400, reply
     assert "prompt_logprobs" in json_text(reply) and "pool holds 1152" in json_text(reply)
-    status, reply = complete(port, prompt=document(75), max_tokens=1, prompt_logprobs=0)  # fits the pool whole
-    assert status == 200 and len(reply["choices"][0]["prompt_logprobs"]) > POOL // 2
+    # a prompt that fits the pool whole (but would be chunk-evicted without prompt logprobs): the full cache's
+    # logprobs, compared with the same request opting out of eviction (kv_budget 1.0 through vllm_xargs)
+    status, reply = complete(port, prompt=document(75), max_tokens=1, prompt_logprobs=0)
+    status_full, full = complete(port, prompt=document(75), max_tokens=1, prompt_logprobs=0, vllm_xargs={"kv_budget": 1.0})
+    assert status == status_full == 200
+
+    def values(r):
+        return [next(iter(lp.values()))["logprob"] for lp in r["choices"][0]["prompt_logprobs"][1:]]
+
+    assert len(values(reply)) == len(values(full)) > POOL // 2
+    assert max(abs(a - b) for a, b in zip(values(reply), values(full))) <= 0.05
     status, reply = complete(port, prompt=document(120), max_tokens=2)  # the same long prompt without them
     assert status == 200 and reply["usage"]["completion_tokens"] == 2
 

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
@@ -43,6 +44,14 @@ def post(port: int, path: str, body: dict, timeout: float = 600) -> dict:
     )
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         return json.loads(resp.read())
+
+
+def post_status(port: int, path: str, body: dict, timeout: float = 600) -> tuple[int, dict]:
+    """:func:`post` that returns (HTTP status, JSON body) for error replies too."""
+    try:
+        return 200, post(port, path, body, timeout=timeout)
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
 
 
 def kvcache_cmd(*args: str) -> list[str]:
@@ -163,3 +172,22 @@ def test_plugin_counters_on_prometheus_metrics(server):
         values = metric_values(text, name)
         assert values and sum(values) > 0, name
     assert 'policy="snapkv"' in text and 'model_name="smollm2-135m"' in text
+
+
+def test_requests_choose_their_own_budget_and_policy_through_vllm_xargs(server):
+    """``vllm_xargs`` (``extra_body={"vllm_xargs": {...}}`` in the openai client) carries a request's own
+    kv_budget / kv_policy; the server's flags stay the defaults; a bad value gets a 400 and the server goes on."""
+    port, log = server
+    body = {"model": "smollm2-135m", "prompt": retrieval_prompt(), "max_tokens": 8, "temperature": 0}
+    status, full = post_status(port, "/v1/completions", {**body, "vllm_xargs": {"kv_budget": 1.0}})
+    assert status == 200 and NEEDLE in full["choices"][0]["text"]
+    status, streaming = post_status(port, "/v1/completions", {**body, "vllm_xargs": {"kv_policy": "streaming", "kv_budget": 0.5}})
+    assert status == 200 and streaming["usage"]["completion_tokens"] == 8
+    assert "(streaming, budget 0.5): kept" in log.read_text()  # the request's own policy and kept tokens, logged
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+    assert any('policy="streaming"' in line for line in text.splitlines() if line.startswith("kvcache:compactions_total"))
+    for extra, message in [({"kv_budget": 7.5}, "invalid per-request setting"), ({"kv_polcy": "h2o"}, "kv_polcy")]:
+        status, reply = post_status(port, "/v1/completions", {**body, "vllm_xargs": extra})
+        assert status == 400 and message in json.dumps(reply), reply
+    status, again = post_status(port, "/v1/completions", body)
+    assert status == 200 and NEEDLE in again["choices"][0]["text"]

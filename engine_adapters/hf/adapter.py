@@ -16,7 +16,7 @@ import contextlib
 import functools
 import inspect
 import types
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from transformers import AttentionInterface
@@ -88,7 +88,7 @@ class KVSession:
         model: torch.nn.Module,
         policy: Any,
         layer_budget: Any,
-        budget: float | int,
+        budget: float | int | Sequence[float | int],
         backend: str,
         quant: Any = None,
         quant_name: str = "none",
@@ -391,7 +391,7 @@ def check_prefill_chunk(plan: KVPlan, chunk: int, quant_name: str = "none", head
 def kv_policy(
     model: torch.nn.Module,
     policy: str | dict = "snapkv",
-    budget: float | int = 0.5,
+    budget: float | int | Sequence[float | int] = 0.5,
     *,
     layer_budget: str | dict = "uniform",
     attention: str = "sdpa",
@@ -404,7 +404,8 @@ def kv_policy(
 
     ``policy`` and ``layer_budget`` are registry names (``kvcache.names("evict")``,
     ``kvcache.names("budget")``) or ``"name:key=value"`` specs; ``budget`` is a fraction of each prompt
-    (float in (0, 1]) or a token count (int >= 1); ``policy_params`` go to the eviction policy.
+    (float in (0, 1]) or a token count (int >= 1), or a list of those with one budget per batch row (each
+    row keeps its own count; ``1.0`` keeps a row whole); ``policy_params`` go to the eviction policy.
     ``quant`` stores the kept tokens quantised: a ``quant`` codec name or spec (``kvcache.names("quant")``,
     e.g. ``"zipcache"``, ``"kivi:bits=4"``); ``None``/``"none"`` keeps today's dense full-precision cache.
     Eviction and quantisation compose: the store holds exactly the slots eviction keeps.
@@ -422,12 +423,17 @@ def kv_policy(
     ...     out = model.generate(**inputs, max_new_tokens=64)
     ...     session.stats()["kv_bytes"]
     """
-    check_budget(budget)
+    budgets = list(budget) if isinstance(budget, (list, tuple)) else [budget]
+    if not budgets:
+        raise PolicyConfigError("budget: a per-row list needs one budget per batch row, got an empty list")
+    for value in budgets:
+        check_budget(value)
     if attention not in BACKENDS:
         raise PolicyConfigError(f"unknown attention backend {attention!r}; valid: {', '.join(BACKENDS)}")
     evict = kvcache.create("evict", policy, **policy_params)
-    if isinstance(budget, int) and evict.compresses:
-        evict.check_budget(budget)
+    for value in budgets:
+        if isinstance(value, int) and evict.compresses:
+            evict.check_budget(value)
     codec, quant_name = None, "none"
     if quant is not None and quant != "none":
         codec = kvcache.create("quant", quant)

@@ -9,11 +9,11 @@ parsing and the error messages are testable without an engine.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kvcache import registry
-from kvcache.budget.base import parse_budget
+from kvcache.budget.base import parse_budget, tokens_for
 from kvcache.budget.heads import parse_head_budget
 from kvcache.plan import KVPlan
 from kvcache.registry import PolicyConfigError
@@ -25,9 +25,12 @@ SUPPORTED_VLLM_TEXT = ">=0.32,<0.33"
 # Keys of ``additional_config`` that belong to this plugin.
 KEYS = (
     "kv_policy", "kv_budget", "kv_window", "kv_layer_budget", "kv_recompact_every", "kv_chunk_evict", "kv_admission",
-    "kv_quant",
+    "kv_quant", "kv_request_policies", "kv_request_min_budget",
 )
 ADMISSIONS = ("reserve", "optimistic")
+# What one request may set for itself (``SamplingParams.extra_args``; ``vllm_xargs`` in the OpenAI API): the
+# server's launch settings are the defaults.
+REQUEST_KEYS = ("kv_policy", "kv_budget", "kv_window")
 
 
 class KVPluginError(ValueError):
@@ -68,6 +71,9 @@ class KVPluginConfig:
     # (admit when the prompt fits, preempt and recompute when the pool overflows)
     admission: str = "reserve"
     policy_params: dict[str, Any] = field(default_factory=dict)
+    # what requests may set for themselves (REQUEST_KEYS): None, any registered eviction policy; () none at all
+    request_policies: tuple[str, ...] | None = None
+    request_min_budget: float | int | None = None  # the smallest budget a request may ask for (None: any)
 
     def create_policy(self) -> Any:
         """A fresh policy object from the registry (the same one the HF adapter uses)."""
@@ -85,7 +91,7 @@ class KVPluginConfig:
         return KVPlan(self.create_policy(), self.budget)
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "kv_policy": self.policy_spec,
             "kv_budget": self.budget,
             "kv_window": self.window,
@@ -93,6 +99,75 @@ class KVPluginConfig:
             "kv_chunk_evict": "auto" if self.chunk_evict is None else self.chunk_evict,
             "kv_admission": self.admission,
         }
+        if self.request_policies is not None:
+            out["kv_request_policies"] = ",".join(self.request_policies) or "none"
+        if self.request_min_budget is not None:
+            out["kv_request_min_budget"] = self.request_min_budget
+        return out
+
+    def for_request(self, overrides: "tuple[tuple[str, Any], ...]") -> "KVPluginConfig":
+        """This (the server's) config with one request's settings (:func:`request_overrides`), checked as the
+        launch flags are. A request naming a policy gets that policy's defaults (and its own ``kv_window``, if
+        any), not the server's window; ``kv_budget`` alone keeps the server's policy. Raises
+        :class:`KVPluginError` naming the problem."""
+        if not overrides:
+            return self
+        values = dict(overrides)
+        renamed = "kv_policy" in values
+        try:
+            budget = parse_budget(values["kv_budget"]) if "kv_budget" in values else self.budget
+            window = _window(values.get("kv_window")) if renamed or "kv_window" in values else self.window
+        except (ValueError, TypeError) as err:  # PolicyConfigError included
+            raise KVPluginError(f"invalid per-request setting: {err}") from err
+        spec = _loads(values["kv_policy"]) if renamed else self.policy_spec
+        if spec in (None, "", "none"):
+            raise KVPluginError("per-request kv_policy must name a policy (use kv_budget 1.0 or kv_policy 'full' to opt out)")
+        cfg = replace(self, policy_spec=spec, budget=budget, window=window, policy_params={} if renamed else self.policy_params)
+        _check_policy(cfg, "per-request kv_policy", "per-request kv_budget")
+        return cfg
+
+    def check_request(self, request: "KVPluginConfig", prompt_len: int) -> None:
+        """Raise :class:`KVPluginError` when a request's own settings (``request``, from :meth:`for_request`) are
+        outside what this server allows (``--kv-request-policies``, ``--kv-request-min-budget``)."""
+        if request is self:
+            return
+        if self.request_policies == ():
+            raise KVPluginError(
+                "this server takes no per-request kv settings (--kv-request-policies none); drop "
+                f"{', '.join(REQUEST_KEYS)} from the request"
+            )
+        name = request.policy_name
+        if self.request_policies is not None and name != self.policy_name and name not in self.request_policies:
+            allowed = sorted({self.policy_name, *self.request_policies})
+            raise KVPluginError(
+                f"kv_policy {name!r} is not allowed on this server; allowed: {', '.join(allowed)} (--kv-request-policies)"
+            )
+        if self.request_min_budget is not None and request.create_policy().compresses:
+            kept, least = tokens_for(request.budget, prompt_len), tokens_for(self.request_min_budget, prompt_len)
+            if kept < least:
+                raise KVPluginError(
+                    f"kv_budget {request.budget} keeps {kept} of this prompt's {prompt_len} tokens, below the server's "
+                    f"minimum budget {self.request_min_budget} ({least} tokens, --kv-request-min-budget); ask for "
+                    f"kv_budget >= {self.request_min_budget}, or 1.0 for the full cache"
+                )
+
+
+def request_overrides(extra_args: dict[str, Any] | None) -> tuple[tuple[str, Any], ...]:
+    """The kvcache settings one request carries in ``SamplingParams.extra_args`` (``vllm_xargs``), as a sorted
+    tuple (hashable, picklable; empty: the server's defaults). Unknown ``kv_*`` keys and values that are not a
+    number or a string raise :class:`KVPluginError`; other keys belong to someone else and are ignored."""
+    if not extra_args:
+        return ()
+    found = {key: value for key, value in extra_args.items() if isinstance(key, str) and key.startswith("kv_")}
+    unknown = sorted(set(found) - set(REQUEST_KEYS))
+    if unknown:
+        raise KVPluginError(
+            f"unknown per-request kv setting {', '.join(unknown)}; a request may set {', '.join(REQUEST_KEYS)}"
+        )
+    for key, value in found.items():
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)) and value is not None:
+            raise KVPluginError(f"per-request {key} must be a number or a string, got {value!r}")
+    return tuple(sorted((key, value) for key, value in found.items() if value is not None))
 
 
 def _loads(value: Any) -> Any:
@@ -153,6 +228,31 @@ def _chunk_evict(value: Any) -> bool | None:
     raise ValueError(f"kv_chunk_evict must be true, false or auto, got {value!r}")
 
 
+def _request_policies(value: Any) -> tuple[str, ...] | None:
+    """``kv_request_policies``: comma-separated eviction policy names, ``any`` (the default) or ``none``."""
+    text = str(value).strip().lower() if value is not None else "any"
+    if text in ("", "any"):
+        return None
+    if text == "none":
+        return ()
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    for name in names:
+        try:
+            registry.get_entry("evict", name)
+        except PolicyConfigError as err:  # names the valid ones
+            raise PolicyConfigError(f"kv_request_policies: {err} (or 'any', 'none')") from None
+    return names
+
+
+def _request_min_budget(value: Any) -> float | int | None:
+    if value in (None, ""):
+        return None
+    try:
+        return parse_budget(value)
+    except PolicyConfigError as err:
+        raise PolicyConfigError(f"kv_request_min_budget: {err}") from None
+
+
 def _admission(value: Any) -> str:
     """``kv_admission``: reserve (the default) or optimistic."""
     text = str(value).strip().lower() if value not in (None, "") else "reserve"
@@ -181,6 +281,8 @@ def parse(additional_config: dict[str, Any] | None) -> KVPluginConfig | None:
         recompact = _recompact_every(extra.get("kv_recompact_every"))
         chunk_evict = _chunk_evict(extra.get("kv_chunk_evict"))
         admission = _admission(extra.get("kv_admission"))
+        request_policies = _request_policies(extra.get("kv_request_policies"))
+        request_min_budget = _request_min_budget(extra.get("kv_request_min_budget"))
     except (ValueError, TypeError) as err:  # PolicyConfigError included
         raise KVPluginError(f"invalid kvcache setting: {err}") from err
     if extra.get("kv_quant") not in (None, "", "none"):
@@ -215,20 +317,24 @@ def parse(additional_config: dict[str, Any] | None) -> KVPluginConfig | None:
         )
     cfg = KVPluginConfig(
         policy_spec=spec, budget=budget, window=window, recompact_every=recompact, chunk_evict=chunk_evict,
-        admission=admission,
+        admission=admission, request_policies=request_policies, request_min_budget=request_min_budget,
     )
+    _check_policy(cfg, "--kv-policy", "--kv-budget")
+    return cfg
+
+
+def _check_policy(cfg: KVPluginConfig, policy_name: str, budget_name: str) -> None:
+    """The policy can be created, and (a token budget) holds its protected tokens."""
     try:
         policy = cfg.create_policy()
     except PolicyConfigError as err:
-        raise KVPluginError(f"--kv-policy: {err}") from err
-    if policy.compresses:
+        raise KVPluginError(f"{policy_name}: {err}") from err
+    if policy.compresses and isinstance(cfg.budget, int):
         # The protected tokens must fit a budget of a typical size; a token budget is checked exactly.
-        if isinstance(budget, int):
-            try:
-                policy.check_budget(budget)
-            except PolicyConfigError as err:
-                raise KVPluginError(f"--kv-budget {budget}: {err}") from err
-    return cfg
+        try:
+            policy.check_budget(cfg.budget)
+        except PolicyConfigError as err:
+            raise KVPluginError(f"{budget_name} {cfg.budget}: {err}") from err
 
 
 def fold_cli_args(additional_config: Any, values: dict[str, Any]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvcache.engine_adapters.vllm.config import KVPluginConfig, recompact_tokens
-from kvcache.plan import RequestBudget, blocks_for
+from kvcache.plan import KVPlan, RequestBudget, blocks_for
 
 # vLLM holds the captured queries of every request that is still prefilling: at most this many of a prompt's
 # last queries are kept (a policy declaring more, H2O and Keyformer, is told so once in the log). Scoring every
@@ -40,6 +40,8 @@ class Compaction:
     phase: str  # "prefill" (last prompt chunk), "chunk" (mid-prefill) or "decode"
     step: int  # generated tokens so far (0 at the prompt)
     max_new_tokens: int | None
+    policy: str = ""  # the request's policy name (metrics, logs)
+    overrides: tuple = ()  # the request's own kv settings (config.request_overrides; empty: the server's)
 
 
 @dataclass
@@ -57,26 +59,68 @@ class StepPlan:
 AUTO_CHUNK_EVICT_SHARE = 0.5
 
 
+@dataclass(frozen=True)
+class RequestRule:
+    """The settings one request follows: the server's, or the server's with the request's own ``kv_policy``,
+    ``kv_budget``, ``kv_window`` (``SamplingParams.extra_args``, ``vllm_xargs`` in the OpenAI API)."""
+
+    overrides: tuple  # config.request_overrides of the request (empty: the server's settings)
+    cfg: KVPluginConfig
+    plan: KVPlan
+
+    @property
+    def policy(self) -> Any:
+        return self.plan.policy
+
+
 @dataclass
 class RequestState:
     budget: RequestBudget
     chunk_evict: bool  # compact after every prefill chunk (else once, at the end of the prompt)
+    rule: RequestRule
     shift: int = 0
     compressed: bool = False  # the end-of-prefill compaction has been planned
 
 
 class Planner:
     """Bookkeeping of the scheduler side: per-request shifts and when to compact. What a request keeps
-    comes from the plan every engine shares (:class:`kvcache.plan.KVPlan`)."""
+    comes from the plan every engine shares (:class:`kvcache.plan.KVPlan`), with the request's own settings
+    where it brought some (:meth:`assign`)."""
 
     def __init__(self, cfg: KVPluginConfig, pool_tokens: int | None = None, block_size: int | None = None) -> None:
         self.cfg = cfg
         self.pool_tokens = pool_tokens  # the KV pool's size, for kv_chunk_evict "auto"
         self.block_size = block_size  # the KV block size, for kv_recompact_every "auto"
-        self.plan = cfg.create_plan()
+        self.default = RequestRule((), cfg, cfg.create_plan())
+        self.plan = self.default.plan
         self.policy = self.plan.policy
         self.states: dict[str, RequestState] = {}
+        self.rules: dict[str, RequestRule] = {}  # requests with settings of their own
+        self._rule_cache: dict[tuple, RequestRule] = {(): self.default}
         self.observation_note = self.plan.observation_note(MAX_OBSERVED)
+
+    def rule_for(self, overrides: tuple) -> RequestRule:
+        """The rule of a request carrying ``overrides`` (raises ``KVPluginError`` when they are invalid)."""
+        rule = self._rule_cache.get(overrides)
+        if rule is None:
+            cfg = self.cfg.for_request(overrides)
+            rule = self._rule_cache[overrides] = RequestRule(overrides, cfg, cfg.create_plan())
+        return rule
+
+    def assign(self, req_id: str, overrides: tuple) -> RequestRule:
+        """Give a request its own settings (kept across preemptions, until :meth:`release`)."""
+        rule = self.rule_for(overrides)
+        if overrides:
+            self.rules[req_id] = rule
+        return rule
+
+    def rule(self, req_id: str) -> RequestRule:
+        return self.rules.get(req_id, self.default)
+
+    def release(self, req_id: str) -> None:
+        """The request is gone: drop its state and its settings."""
+        self.states.pop(req_id, None)
+        self.rules.pop(req_id, None)
 
     def shift(self, req_id: str) -> int:
         state = self.states.get(req_id)
@@ -107,7 +151,7 @@ class Planner:
             f"most {self.pool_tokens} tokens, drop prompt_logprobs/echo, or start the server with a larger KV pool"
         )
 
-    def max_new_tokens(self, prompt_len: int) -> int | None:
+    def max_new_tokens(self, prompt_len: int, rule: RequestRule | None = None) -> int | None:
         """The most tokens a request may generate so that its planned footprint, alone, fits the KV pool
         (None: any number; the pool's size unknown, or a decode-time policy that re-compacts to C + k).
 
@@ -116,14 +160,16 @@ class Planner:
         caps ``max_tokens`` here instead of letting the request preempt itself and wait forever."""
         if self.pool_tokens is None:
             return None
-        budget = self.plan.request(prompt_len)
-        if budget.compressed and self.policy.every_step:
-            if budget.capacity + recompact_tokens(self.cfg, budget.capacity, self.block_size) <= self.pool_tokens:
+        rule = rule or self.default
+        budget = rule.plan.request(prompt_len)
+        if budget.compressed and rule.policy.every_step:
+            if budget.capacity + recompact_tokens(rule.cfg, budget.capacity, self.block_size) <= self.pool_tokens:
                 return None
         kept = budget.capacity if budget.compressed else prompt_len
         return max(0, self.pool_tokens - kept)
 
     def forget(self, req_id: str) -> None:
+        """Drop the request's eviction state (preempted: it recomputes and is evicted again); its settings stay."""
         self.states.pop(req_id, None)
 
     def planned_blocks(self, req_id: str, prompt_len: int, max_new_tokens: int | None) -> int | None:
@@ -136,11 +182,12 @@ class Planner:
         if self.block_size is None:
             return None
         state = self.states.get(req_id)
-        budget = state.budget if state is not None else self.plan.request(prompt_len)
+        rule = self.rule(req_id)
+        budget = state.budget if state is not None else rule.plan.request(prompt_len)
         if not budget.compressed:
             return None
         new = max_new_tokens if max_new_tokens is not None else 0
-        grow = min(new, recompact_tokens(self.cfg, budget.capacity, self.block_size)) if self.policy.every_step else new
+        grow = min(new, recompact_tokens(rule.cfg, budget.capacity, self.block_size)) if rule.policy.every_step else new
         return blocks_for(min(budget.capacity + grow, prompt_len + new), self.block_size)
 
     def plan_request(
@@ -160,15 +207,18 @@ class Planner:
         cache is freed right after: nothing is captured or compacted at that step."""
         state = self.states.get(req_id)
         if state is None:
+            rule = self.rule(req_id)
             state = self.states[req_id] = RequestState(
-                self.plan.request(prompt_len), self.chunk_evicts(num_tokens, prompt_logprobs)
+                rule.plan.request(prompt_len), self.chunk_evicts(num_tokens, prompt_logprobs), rule
             )
         if state.shift:
             plan.shift[req_id] = state.shift
         budget = state.budget
         if not budget.compressed:  # kept whole: nothing to score or evict
             return
-        every_step = self.policy.every_step
+        rule = state.rule
+        request_plan = rule.plan
+        every_step = rule.policy.every_step
         physical_after = logical_after - state.shift
         samples = logical_after >= num_tokens  # the step ends the known tokens: a token is sampled
         capacity = budget.capacity
@@ -176,7 +226,7 @@ class Planner:
         compaction = None
         finishes = finishes and samples
         if not state.compressed:
-            observed = self.plan.observed_queries(prompt_len, MAX_OBSERVED)
+            observed = request_plan.observed_queries(prompt_len, MAX_OBSERVED)
             if observed and not finishes:
                 plan.capture[req_id] = min(num_scheduled, observed)
                 plan.observe[req_id] = observed
@@ -185,15 +235,15 @@ class Planner:
                 extra = 0 if every_step else generated
                 target = capacity + extra
                 if physical_after > target and not finishes:
-                    compaction = ("prefill", target, self.plan.recent(target, extra))
+                    compaction = ("prefill", target, request_plan.recent(target, extra))
             elif state.chunk_evict and physical_after > capacity:
-                compaction = ("chunk", capacity, self.plan.recent(capacity))
+                compaction = ("chunk", capacity, request_plan.recent(capacity))
         elif every_step and not finishes:
-            if self.plan.observed_queries(prompt_len):  # decode queries score too (not for position-only policies)
+            if request_plan.observed_queries(prompt_len):  # decode queries score too (not for position-only policies)
                 plan.capture[req_id] = num_scheduled
                 plan.decode_capture.add(req_id)
-            if physical_after >= capacity + recompact_tokens(self.cfg, capacity, self.block_size):
-                compaction = ("decode", capacity, self.plan.recent(capacity))
+            if physical_after >= capacity + recompact_tokens(rule.cfg, capacity, self.block_size):
+                compaction = ("decode", capacity, request_plan.recent(capacity))
         if compaction is not None:
             phase, target, recent = compaction
             plan.compact[req_id] = Compaction(
@@ -201,10 +251,12 @@ class Planner:
                 physical=physical_after,
                 logical=logical_after,
                 recent=recent,
-                sinks=min(self.policy.sinks, target),
+                sinks=min(rule.policy.sinks, target),
                 phase=phase,
                 step=generated,
                 max_new_tokens=max_new_tokens,
+                policy=rule.cfg.policy_name,
+                overrides=rule.overrides,
             )
             state.shift = logical_after - target
 

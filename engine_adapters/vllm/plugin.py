@@ -4,7 +4,11 @@ vLLM calls :func:`register` in every process it starts (the API server, the engi
 before it parses arguments. The plugin is inert unless ``additional_config`` carries ``kv_policy``:
 
 * ``EngineArgs.add_cli_args`` gains ``--kv-policy/--kv-budget/--kv-window/--kv-layer-budget/--kv-quant``
-  (plus ``--kv-recompact-every``, ``--kv-chunk-evict``, ``--kv-admission``); ``EngineArgs.from_cli_args`` folds them into ``additional_config``.
+  (plus ``--kv-recompact-every``, ``--kv-chunk-evict``, ``--kv-admission``, and the limits on per-request settings
+  ``--kv-request-policies``, ``--kv-request-min-budget``); ``EngineArgs.from_cli_args`` folds them into
+  ``additional_config``.
+* The front end's ``InputProcessor.process_inputs`` checks a request's own ``kv_policy``/``kv_budget``/``kv_window``
+  (``vllm_xargs``) against those limits and refuses what the plugin would serve wrongly, with a 400.
 * ``EngineArgs.create_engine_config`` validates the settings, fences off what the plugin cannot handle
   (with the fix in the message), turns prefix caching off by default and installs the scheduler
   subclass :class:`kvcache.engine_adapters.vllm.scheduler.KVCacheScheduler`.
@@ -98,6 +102,15 @@ def add_kv_arguments(parser: Any) -> Any:
         "growth, so none is preempted) or optimistic (vLLM's own rule)",
     )
     group.add_argument("--kv-quant", dest="kv_quant", default=None, help="quantised KV (not supported in vLLM yet)")
+    group.add_argument(
+        "--kv-request-policies", dest="kv_request_policies", default=None,
+        help="policies a request may choose for itself (vllm_xargs / SamplingParams.extra_args kv_policy, kv_budget, "
+        "kv_window): comma-separated names, 'any' (default) or 'none' (no per-request settings)",
+    )
+    group.add_argument(
+        "--kv-request-min-budget", dest="kv_request_min_budget", default=None,
+        help="the smallest kv_budget a request may ask for (fraction or tokens; 1.0 always allowed); default: any",
+    )
     return parser
 
 
@@ -279,8 +292,9 @@ def _patch_kv_cache_utils(module: Any) -> None:
 
 def _patch_input_processor(module: Any) -> None:
     """The front end's request check (``InputProcessor.process_inputs``, where vLLM refuses a prompt longer than
-    ``max_model_len`` with a 400): a request the plugin would serve wrongly is refused there too (prompt logprobs
-    of a prompt the pool cannot hold whole; :meth:`Planner.prompt_logprobs_refusal`)."""
+    ``max_model_len`` with a 400): a request's own kv settings (``vllm_xargs`` / ``SamplingParams.extra_args``)
+    are checked against the server's limits, and a request the plugin would serve wrongly is refused (prompt
+    logprobs of a prompt the pool cannot hold whole; :meth:`Planner.prompt_logprobs_refusal`)."""
     cls = module.InputProcessor
     if getattr(cls, "_kvcache_patched", False):
         return
@@ -290,37 +304,70 @@ def _patch_input_processor(module: Any) -> None:
     def process_inputs(self, *args, **kwargs):
         request = original(self, *args, **kwargs)
         params = getattr(request, "sampling_params", None)
-        if params is not None and params.prompt_logprobs is not None and request.prompt_token_ids is not None:
-            planner = _front_end_planner(self.vllm_config)
-            problem = planner.prompt_logprobs_refusal(len(request.prompt_token_ids)) if planner is not None else None
+        if params is not None:
+            problem = request_problem(self.vllm_config, params, len(request.prompt_token_ids or ()))
             if problem is not None:
                 from vllm.exceptions import VLLMValidationError
 
-                raise VLLMValidationError(problem, parameter="prompt_logprobs")
+                raise VLLMValidationError(problem)
         return request
 
     cls.process_inputs = process_inputs
     cls._kvcache_patched = True
 
 
-def _front_end_planner(vllm_config: Any) -> Any:
+def request_problem(vllm_config: Any, params: Any, prompt_len: int) -> str | None:
+    """Why the plugin refuses a request (its message, for a 400), or None."""
+    try:
+        overrides = kvconfig.request_overrides(params.extra_args)
+    except KVPluginError as err:
+        return str(err)
+    wants_logprobs = params.prompt_logprobs is not None
+    if not overrides and not wants_logprobs:
+        return None
+    server = _server_config(vllm_config)
+    if server is None:
+        if overrides:
+            return (
+                f"per-request kv settings ({', '.join(k for k, _ in overrides)}) need a server started with "
+                "--kv-policy; drop them, or start the server with a policy"
+            )
+        return None
+    try:
+        server.check_request(server.for_request(overrides), prompt_len)
+    except KVPluginError as err:
+        return str(err)
+    if wants_logprobs:
+        planner = _front_end_planner(vllm_config, server)
+        return planner.prompt_logprobs_refusal(prompt_len) if planner is not None else None
+    return None
+
+
+_SERVER_CONFIGS: dict[str, Any] = {}
+_FRONT_END_PLANNERS: dict[tuple, Any] = {}
+
+
+def _server_config(vllm_config: Any) -> kvconfig.KVPluginConfig | None:
+    """The server's parsed settings (cached by their text: the front end checks every request)."""
+    key = repr(sorted((vllm_config.additional_config or {}).items(), key=lambda item: str(item[0])))
+    if key not in _SERVER_CONFIGS:
+        _SERVER_CONFIGS[key] = kvconfig.parse(vllm_config.additional_config)
+    return _SERVER_CONFIGS[key]
+
+
+def _front_end_planner(vllm_config: Any, cfg: kvconfig.KVPluginConfig) -> Any:
     """The plan's rules in the front-end process, with the KV pool's size once the engine reported it (None:
-    plugin inert, or the pool not known yet)."""
+    the pool not known yet)."""
     blocks = vllm_config.cache_config.num_gpu_blocks
-    cfg = kvconfig.parse(vllm_config.additional_config)
-    if cfg is None or not blocks:
+    if not blocks:
         return None
     from kvcache.engine_adapters.vllm.plan import Planner
 
     block_size = vllm_config.cache_config.block_size
-    key = (id(vllm_config), blocks, block_size, repr(cfg.as_dict()))
-    cached = _FRONT_END_PLANNERS.get(key)
-    if cached is None:
-        cached = _FRONT_END_PLANNERS[key] = Planner(cfg, (blocks - 1) * block_size, block_size)
-    return cached
-
-
-_FRONT_END_PLANNERS: dict[tuple, Any] = {}
+    key = (id(cfg), blocks, block_size)
+    if key not in _FRONT_END_PLANNERS:
+        _FRONT_END_PLANNERS[key] = Planner(cfg, (blocks - 1) * block_size, block_size)
+    return _FRONT_END_PLANNERS[key]
 
 
 def _repoint_engine_core(module: Any) -> None:

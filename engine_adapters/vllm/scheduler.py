@@ -60,7 +60,10 @@ class KVCacheScheduler(Scheduler):
         self.kv_planner: Planner | None = None
         self._kv_preempted: set[str] = set()
         self._kv_scheduling = False  # inside schedule(): a preemption there is the pool running out
-        self._kv_stuck: set[str] = set()  # requests that can never get the blocks they need: end with "length"
+        # requests the plugin ends itself, with vLLM's status and the reason logged: those that can never get
+        # the blocks they need ("length"), and those whose own kv settings are invalid (error)
+        self._kv_ending: dict[str, tuple[RequestStatus, str]] = {}
+        self._kv_ended: list[tuple[Any, str]] = []
         self.kv_stats = {"compactions": 0, "blocks_freed": 0, "tokens_evicted": 0, "preemptions": 0}
         if self.kv_cfg is None:
             return
@@ -115,9 +118,12 @@ class KVCacheScheduler(Scheduler):
         """Blocks the request's prefill holds at its peak (None: the plugin does not change vLLM's count, the
         whole sequence). Evicted after every chunk it holds the kept prompt plus one chunk: C + chunk."""
         planner = self.kv_planner
-        if planner is None or not planner.policy.compresses or not self._kv_chunk_evicts(request):
+        if planner is None:
             return None
-        capacity = planner.plan.request(request.num_prompt_tokens).capacity
+        rule = planner.rule(request.request_id)
+        if not rule.policy.compresses or not self._kv_chunk_evicts(request):
+            return None
+        capacity = rule.plan.request(request.num_prompt_tokens).capacity
         return blocks_for(min(request.num_tokens, capacity + self.max_num_scheduled_tokens), self.kv_block_size)
 
     def _kv_admission_fits(self, request: Any) -> bool | None:
@@ -138,7 +144,7 @@ class KVCacheScheduler(Scheduler):
         use reserved blocks during its prefill (vLLM checks that the prompt fits the free blocks): the
         running requests grow one token per step, and the prompt is compacted at the end of that step."""
         planner = self.kv_planner
-        if planner is None or self.kv_cfg.admission != "reserve" or not planner.policy.compresses:
+        if planner is None or self.kv_cfg.admission != "reserve":
             return True
         manager = self.kv_cache_manager.coordinator.single_type_managers[0]
         reserved = 0
@@ -155,32 +161,44 @@ class KVCacheScheduler(Scheduler):
         return need + reserved <= self.kv_cache_manager.block_pool.get_num_free_blocks()
 
     # ------------------------------------------------------------------------------------------
-    def _kv_labels(self) -> dict[str, str]:
-        policy = self.kv_cfg.policy_name if self.kv_cfg is not None else "none"
+    def _kv_labels(self, req_id: str | None = None) -> dict[str, str]:
+        """Metric labels: the model and the policy (the request's own, where it chose one)."""
+        if self.kv_planner is not None:
+            policy = self.kv_planner.rule(req_id).cfg.policy_name if req_id else self.kv_cfg.policy_name
+        else:
+            policy = self.kv_cfg.policy_name if self.kv_cfg is not None else "none"
         return metrics.labels_for(self.vllm_config, policy)
 
     def add_request(self, request: Any) -> None:
-        if self.kv_planner is not None and request.request_id not in self.requests:
-            self._kv_cap_max_tokens(request)
+        new = self.kv_planner is not None and request.request_id not in self.requests
+        if new:
+            try:  # the front end checked these (400); a request reaching the engine otherwise must not kill it
+                self.kv_planner.assign(request.request_id, kvconfig.request_overrides(request.sampling_params.extra_args
+                                                                                      if request.sampling_params else None))
+            except KVPluginError as err:
+                self._kv_ending[request.request_id] = (RequestStatus.FINISHED_ERROR, str(err))
+            else:
+                self._kv_cap_max_tokens(request)
         super().add_request(request)
 
     def _kv_cap_max_tokens(self, request: Any) -> None:
         """Cap ``max_tokens`` at what the pool holds beside the request's kept prompt (:meth:`Planner.max_new_tokens`)."""
-        limit = self.kv_planner.max_new_tokens(request.num_prompt_tokens)
+        rule = self.kv_planner.rule(request.request_id)
+        limit = self.kv_planner.max_new_tokens(request.num_prompt_tokens, rule)
         if limit is None or request.max_tokens <= limit:
             return
         logger.warning(
             "kvcache: request %s: max_tokens %d capped to %d (finish reason 'length'): the KV pool holds %d tokens and "
             "%s keeps %s; use a decode-time policy (streaming, h2o, keyformer, tova), or a larger pool",
-            request.request_id, request.max_tokens, max(1, limit), self.kv_pool_tokens(), self.kv_cfg.policy_name,
-            "every token of this request" if not self.kv_planner.plan.request(request.num_prompt_tokens).compressed
+            request.request_id, request.max_tokens, max(1, limit), self.kv_pool_tokens(), rule.cfg.policy_name,
+            "every token of this request" if not rule.plan.request(request.num_prompt_tokens).compressed
             else "the kept prompt and every generated token",
         )
         request.max_tokens = max(1, limit)
 
     def _preempt_request(self, request: Any, *args: Any, **kwargs: Any) -> Any:
         self.kv_stats["preemptions"] += 1  # counted with the plugin inert too (benchmarks compare with stock)
-        metrics.count("preemptions", 1, self._kv_labels())
+        metrics.count("preemptions", 1, self._kv_labels(request.request_id))
         if self.kv_planner is not None:
             self.kv_planner.forget(request.request_id)
             self._kv_preempted.add(request.request_id)
@@ -188,7 +206,7 @@ class KVCacheScheduler(Scheduler):
         if self.kv_planner is not None and self._kv_scheduling and not self.running:
             # Every other request was preempted and this one still cannot grow: nothing is left to free, and
             # its recomputation would need at least the blocks it just held. It ends with "length".
-            self._kv_stuck.add(request.request_id)
+            self._kv_ending[request.request_id] = (RequestStatus.FINISHED_LENGTH_CAPPED, "it cannot grow even alone")
         return result
 
     def _kv_find_unplaceable(self) -> None:
@@ -202,15 +220,24 @@ class KVCacheScheduler(Scheduler):
             if need is None:
                 need = blocks_for(request.num_tokens, self.kv_block_size)
             if need > pool_blocks:
-                self._kv_stuck.add(request.request_id)
+                self._kv_ending[request.request_id] = (
+                    RequestStatus.FINISHED_LENGTH_CAPPED, "its recomputation cannot fit even the empty pool",
+                )
+
+    def _kv_end_requests(self) -> None:
+        """Finish the requests in ``_kv_ending`` (out of vLLM's queues, blocks freed); their outputs go out with
+        the step's (:meth:`update_from_output`)."""
+        for status in {status for status, _ in self._kv_ending.values()}:
+            ids = [req_id for req_id, (s, _) in self._kv_ending.items() if s == status]
+            for request in self.finish_requests(ids, status):
+                self._kv_ended.append((request, self._kv_ending[request.request_id][1]))
+        self._kv_ending = {}
 
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
         if self.kv_planner is None:
             return super().schedule(*args, **kwargs)
         self._kv_find_unplaceable()
-        if self._kv_stuck:  # out of the queues before vLLM tries to admit them
-            self._kv_finished_stuck = self.finish_requests(self._kv_stuck, RequestStatus.FINISHED_LENGTH_CAPPED)
-            self._kv_stuck = set()
+        self._kv_end_requests()  # out of the queues before vLLM tries to admit them
         self._kv_scheduling = True
         try:
             output = super().schedule(*args, **kwargs)
@@ -241,15 +268,14 @@ class KVCacheScheduler(Scheduler):
         plan = plan_of(scheduler_output)
         if plan is not None and plan.compact:
             self._free_evicted_blocks(plan)
-        stuck = self.finish_requests(self._kv_stuck, RequestStatus.FINISHED_LENGTH_CAPPED) if self._kv_stuck else []
-        self._kv_stuck = set()
-        stuck += getattr(self, "_kv_finished_stuck", [])
-        self._kv_finished_stuck = []
+        self._kv_end_requests()  # those found during schedule() (a request that could not grow alone)
+        ended, self._kv_ended = self._kv_ended, []
         result = super().update_from_output(scheduler_output, model_runner_output)
-        for request in stuck:
+        for request, reason in ended:
             logger.warning(
-                "kvcache: request %s ended with finish reason 'length' after %d generated tokens: it cannot grow in "
-                "the KV pool (%d tokens) even alone", request.request_id, request.num_output_tokens, self.kv_pool_tokens(),
+                "kvcache: request %s ended (finish reason %r) after %d generated tokens: %s (KV pool: %d tokens)",
+                request.request_id, str(request.get_finished_reason()), request.num_output_tokens, reason,
+                self.kv_pool_tokens(),
             )
             outputs = result.setdefault(request.client_index, EngineCoreOutputs())
             outputs.outputs.append(EngineCoreOutput(
@@ -257,9 +283,9 @@ class KVCacheScheduler(Scheduler):
                 events=request.take_events(), trace_headers=request.trace_headers,
             ))
         if self.kv_planner is not None:
-            for req_id in list(self.kv_planner.states):
+            for req_id in [*self.kv_planner.states, *self.kv_planner.rules]:
                 if req_id not in self.requests:
-                    self.kv_planner.forget(req_id)
+                    self.kv_planner.release(req_id)
         return result
 
     def _free_evicted_blocks(self, plan: StepPlan) -> None:
@@ -277,12 +303,13 @@ class KVCacheScheduler(Scheduler):
             self.kv_stats["compactions"] += 1
             self.kv_stats["blocks_freed"] += len(tail)
             self.kv_stats["tokens_evicted"] += evicted
-            labels = self._kv_labels()
+            labels = metrics.labels_for(self.vllm_config, compaction.policy or self.kv_cfg.policy_name)
             metrics.count("compactions", 1, labels)
             metrics.count("blocks_freed", len(tail), labels)
             metrics.count("tokens_evicted", evicted, labels)
             if compaction.phase == "prefill":
+                rule = self.kv_planner.rule(req_id)
                 logger.info(
-                    "kvcache: request %s: kept %d of %d tokens per layer and KV head, freed %d blocks",
-                    req_id, compaction.target, compaction.physical, len(tail),
+                    "kvcache: request %s (%s, budget %s): kept %d of %d tokens per layer and KV head, freed %d blocks",
+                    req_id, rule.cfg.policy_name, rule.cfg.budget, compaction.target, compaction.physical, len(tail),
                 )

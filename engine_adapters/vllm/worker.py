@@ -225,6 +225,7 @@ class WorkerKV:
     def __init__(self, cfg: kvconfig.KVPluginConfig) -> None:
         self.cfg = cfg
         self.policy = cfg.create_policy()
+        self.policies: dict[tuple, Any] = {(): self.policy}  # by a request's own kv settings (Compaction.overrides)
         self.requests: dict[str, RequestBuffers] = {}
         self.layouts: dict[tuple, KVLayout] = {}
         self.group: LayerGroup | None = None
@@ -234,6 +235,13 @@ class WorkerKV:
             "compactions": 0, "tokens_evicted": 0, "tokens_moved": 0, "blocks_released": 0, "capture_s": 0.0,
             "compact_s": 0.0,
         }
+
+    def policy_for(self, overrides: tuple) -> Any:
+        """The policy object of requests carrying ``overrides`` (the scheduler checked them; one object each)."""
+        policy = self.policies.get(overrides)
+        if policy is None:
+            policy = self.policies[overrides] = self.cfg.for_request(overrides).create_policy()
+        return policy
 
     def drop(self, req_ids: Any) -> None:
         for req_id in req_ids or ():
@@ -355,14 +363,16 @@ class WorkerKV:
         start = time.perf_counter()
         self._store_captures(captured, plan)
         middle = time.perf_counter()
+        self.stats["capture_s"] += middle - start
+        counted = first_rank()  # every tensor-parallel rank compacts its shard at the same time: count it once
         for req_id, compaction in plan.compact.items():
+            began = time.perf_counter()
             with torch.no_grad():
                 self._compact(runner, req_id, compaction)
-        end = time.perf_counter()
-        self.stats["capture_s"] += middle - start
-        self.stats["compact_s"] += end - middle
-        if first_rank():  # every tensor-parallel rank compacts its shard at the same time: count the step once
-            metrics.count("compaction_seconds", end - start, metrics.labels_for(runner.vllm_config, self.cfg.policy_name))
+            took = time.perf_counter() - began
+            self.stats["compact_s"] += took
+            if counted:
+                metrics.count("compaction_seconds", took, metrics.labels_for(runner.vllm_config, compaction.policy or self.cfg.policy_name))
 
     @torch.no_grad()
     def _compact(self, runner: Any, req_id: str, c: Compaction) -> None:
@@ -370,7 +380,8 @@ class WorkerKV:
         into the first ``c.target`` slots and trim the block table."""
         block_ids = runner.requests[req_id].block_ids[0]
         buffers = self.requests.setdefault(req_id, RequestBuffers())
-        observes = self.policy.observed_prompt_queries(c.logical) > 0
+        policy = self.policy_for(c.overrides)
+        observes = policy.observed_prompt_queries(c.logical) > 0
         if buffers.query_pos is None and observes:
             raise RuntimeError(f"kvcache: no captured queries for request {req_id} at its {c.phase} compaction")
         group = self._group(runner)
@@ -390,7 +401,7 @@ class WorkerKV:
             queries = keys.new_zeros(layers, group.num_heads, 0, group.head_size)
             query_pos = torch.zeros(0, dtype=torch.long, device=device)
         # values only for policies that weight by them (Expected Attention's ||v||): one more read of [L, H_kv, T, D]
-        values = cache.read_values(blocks, T) if policy_reads_values(self.policy) else None
+        values = cache.read_values(blocks, T) if policy_reads_values(policy) else None
         obs = Observation(
             queries=queries,
             keys=keys,
@@ -402,8 +413,8 @@ class WorkerKV:
             step=c.step,
             max_new_tokens=c.max_new_tokens,
         )
-        every_step = self.policy.every_step
-        scores = self.policy.score(obs, buffers.scores if every_step else None)  # [L, H_kv, T]
+        every_step = policy.every_step
+        scores = policy.score(obs, buffers.scores if every_step else None)  # [L, H_kv, T]
         protected = protected_slots(
             key_index, torch.zeros(1, dtype=torch.long, device=device), torch.tensor([c.logical], device=device),
             c.sinks, c.recent,
