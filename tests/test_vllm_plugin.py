@@ -54,7 +54,8 @@ def test_policy_installs_scheduler_and_turns_prefix_caching_off():
     ({"async_scheduling": True}, "async scheduling"),
     ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2}}, "speculative decoding"),
     ({"kv_cache_dtype": "fp8"}, "kv-cache-dtype"),
-    ({"pipeline_parallel_size": 2}, "pipeline parallelism"),
+    ({"pipeline_parallel_size": 2, "additional_config": {"kv_policy": "snapkv", "kv_chunk_evict": True}},
+     "--kv-chunk-evict true with pipeline parallelism"),
     ({"decode_context_parallel_size": 2}, "context parallelism"),
     ({"enforce_eager": False, "_kvcache_eager_refused": True}, "--no-enforce-eager"),
     ({"scheduler_cls": "my.Scheduler"}, "--scheduler-cls"),
@@ -70,8 +71,17 @@ def test_fences_fail_at_launch_with_the_fix(kwargs, message):
     assert message in str(err.value)
 
 
+def test_pipeline_and_data_parallelism_are_accepted_with_prompts_compacted_at_their_end():
+    engine_args = EngineArgs(model="m", enforce_eager=True, pipeline_parallel_size=2, data_parallel_size=2,
+                             additional_config={"kv_policy": "snapkv"})
+    cfg = plugin.prepare_engine_args(engine_args)
+    assert cfg.chunk_evict is False and engine_args.additional_config["kv_chunk_evict"] is False
+    one_stage = EngineArgs(model="m", enforce_eager=True, additional_config={"kv_policy": "snapkv"})
+    assert plugin.prepare_engine_args(one_stage).chunk_evict is None  # auto
+
+
 def test_tensor_parallelism_is_accepted():
-    """Each rank holds a shard of the KV heads and follows the same plan (tests/test_vllm_tp.py runs it)."""
+    """Each rank holds a shard of the KV heads and follows the same plan (tests/test_vllm_parallel.py runs it)."""
     engine_args = EngineArgs(model="m", enforce_eager=True, tensor_parallel_size=2, additional_config={"kv_policy": "snapkv"})
     assert plugin.prepare_engine_args(engine_args).policy_name == "snapkv"
 

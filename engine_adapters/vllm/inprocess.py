@@ -51,6 +51,7 @@ def _worker_kv_stats(worker: Any) -> dict[str, Any] | None:
     stats = dict(state.stats)
     if state.group is not None:  # this rank's shard of the heads
         stats["query_heads"], stats["kv_heads"] = state.group.num_heads, state.group.cache.num_heads
+        stats["layers"] = len(state.group.names)  # this pipeline stage's layers
     return stats
 
 

@@ -13,7 +13,7 @@ imported), and the counters below, created in the engine core, then appear besid
     kvcache:compaction_seconds_total    time spent scoring and moving the kept tokens (worker)
     kvcache:preemptions_total           requests preempted (they recompute and are evicted again)
 
-labelled with ``model_name`` and ``policy``. With ``vllm serve`` set ``PROMETHEUS_MULTIPROC_DIR`` to an
+labelled with ``model_name``, ``policy`` and ``engine`` (the data-parallel rank, as vLLM's own metrics). With ``vllm serve`` set ``PROMETHEUS_MULTIPROC_DIR`` to an
 empty directory to get them. Without multiprocess mode the counters still count (the in-process
 ``inprocess`` helpers and the benchmark read the scheduler's ``kv_stats`` and the worker's ``stats``).
 """
@@ -54,7 +54,7 @@ def _counter(name: str) -> Any:
         except ImportError:  # pragma: no cover - vLLM depends on prometheus_client
             _COUNTERS[name] = None
             return None
-        _COUNTERS[name] = Counter(f"kvcache:{name}", DESCRIPTIONS[name], labelnames=["model_name", "policy"])
+        _COUNTERS[name] = Counter(f"kvcache:{name}", DESCRIPTIONS[name], labelnames=["model_name", "policy", "engine"])
     return _COUNTERS[name]
 
 
@@ -68,9 +68,15 @@ def count(name: str, amount: float, labels: dict[str, str]) -> None:
 
 
 def labels_for(vllm_config: Any, policy: str) -> dict[str, str]:
-    """The labels vLLM's own metrics use (``model_name``) plus the policy."""
+    """The labels vLLM's own metrics use (``model_name``, and ``engine``: the data-parallel rank, so each engine
+    core's counters stay apart and a query sums them) plus the policy."""
     model_config = getattr(vllm_config, "model_config", None)
     served = getattr(model_config, "served_model_name", None) or getattr(model_config, "model", "")
     if isinstance(served, (list, tuple)):
         served = served[0] if served else ""
-    return {"model_name": str(served), "policy": policy}
+    parallel = getattr(vllm_config, "parallel_config", None)
+    # data_parallel_index: the engine's DP rank (vLLM resets data_parallel_rank to 0 for independent dense ranks)
+    rank = getattr(parallel, "data_parallel_index", None)
+    if rank is None:
+        rank = getattr(parallel, "data_parallel_rank", 0) or 0
+    return {"model_name": str(served), "policy": policy, "engine": str(rank)}

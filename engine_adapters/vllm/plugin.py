@@ -182,10 +182,12 @@ def prepare_engine_args(engine_args: Any) -> kvconfig.KVPluginConfig | None:
         problems.append("KV offloading (--kv-offloading-size): drop it")
     if (engine_args.decode_context_parallel_size or 1) > 1 or (engine_args.prefill_context_parallel_size or 1) > 1:
         problems.append("context parallelism: use --decode-context-parallel-size 1 --prefill-context-parallel-size 1")
-    if (engine_args.pipeline_parallel_size or 1) > 1:
-        problems.append("pipeline parallelism is not validated yet: use -pp 1 (tensor parallelism, -tp N, works)")
-    if (engine_args.data_parallel_size or 1) > 1:
-        problems.append("data parallelism is not validated yet: use --data-parallel-size 1")
+    if (engine_args.pipeline_parallel_size or 1) > 1 and cfg.chunk_evict:
+        problems.append(
+            "--kv-chunk-evict true with pipeline parallelism: vLLM sends a prompt's next chunk into the pipeline before "
+            "the previous chunk's compaction is known, so prompts are compacted once, at their end; drop "
+            "--kv-chunk-evict (or use -pp 1)"
+        )
     if str(engine_args.kv_cache_dtype) not in ("auto",):
         problems.append(f"--kv-cache-dtype {engine_args.kv_cache_dtype}: only 'auto' is supported")
     if engine_args.scheduler_cls not in (None, SCHEDULER_CLS, "vllm.v1.core.sched.scheduler.Scheduler"):
@@ -205,6 +207,12 @@ def prepare_engine_args(engine_args: Any) -> kvconfig.KVPluginConfig | None:
     engine_args.enable_prefix_caching = False
     engine_args.async_scheduling = False
     engine_args.scheduler_cls = SCHEDULER_CLS
+    if (engine_args.pipeline_parallel_size or 1) > 1 and cfg.chunk_evict is None:
+        # With several stages vLLM keeps a batch per stage in flight and may schedule a prompt's next chunk
+        # before the previous one's compaction frees its blocks: prompts are compacted once, at their end.
+        engine_args.additional_config["kv_chunk_evict"] = False
+        cfg = kvconfig.parse(engine_args.additional_config)
+        logger.info("kvcache: pipeline parallelism: prompts are compacted once, at their end (kv_chunk_evict false)")
     return cfg
 
 
@@ -361,6 +369,8 @@ def _front_end_planner(vllm_config: Any, cfg: kvconfig.KVPluginConfig) -> Any:
     blocks = vllm_config.cache_config.num_gpu_blocks
     if not blocks:
         return None
+    # with data parallelism the front end holds the sum over its engines; each engine has its own pool
+    blocks //= max(1, getattr(vllm_config.parallel_config, "data_parallel_size", 1) or 1)
     from kvcache.engine_adapters.vllm.plan import Planner
 
     block_size = vllm_config.cache_config.block_size

