@@ -184,3 +184,20 @@ def test_kvpress_speed_ratios_are_of_medians_per_library():
     assert summary["snapkv"]["kvcache_vs_kvpress"] == pytest.approx(22 / 19)
     assert summary["snapkv"]["kvcache"]["vs_own_full"] == pytest.approx(22 / 20)
     assert (summary["snapkv"]["kvcache"]["min"], summary["snapkv"]["kvcache"]["max"]) == (21, 30)
+
+
+def test_vllm_plan_size_measures_the_real_planner(tmp_path, capsys):
+    """The plan the scheduler sends each step, at N requests: every request compacted at its prompt step, then
+    only shifts (SnapKV) or shifts, decode captures and periodic compactions (H2O); bad sizes exit 2."""
+    from kvcache.eval import vllm_plan_size
+
+    out = tmp_path / "plan.json"
+    assert vllm_plan_size.main(["--requests", "20", "--decode-steps", "8", "--repeats", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    snapkv, h2o = report["policies"]["snapkv"], report["policies"]["h2o"]
+    assert report["requests"] == 20 and report["machine"]["loadavg_at_end"] is not None
+    assert snapkv["prompt_step_bytes"] > snapkv["decode_step_bytes_median"] > 0
+    assert snapkv["decode_steps_with_compactions"] == 0 and h2o["decode_steps_with_compactions"] >= 1
+    assert h2o["decode_step_bytes_median"] > snapkv["decode_step_bytes_median"]  # decode captures too
+    assert vllm_plan_size.main(["--requests", "0"]) == 2
+    assert "--requests must be >= 1" in capsys.readouterr().err
