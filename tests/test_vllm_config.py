@@ -426,3 +426,22 @@ def test_each_request_follows_its_own_rule():
     assert planner.rule("half").cfg.budget == 0.5
     planner.release("half")
     assert planner.rule("half") is planner.default and "half" not in planner.states
+
+
+def test_settings_of_ever_new_requests_do_not_grow_the_caches():
+    """A client sending a new budget with every request must not grow the scheduler's or the worker's memory:
+    the objects made for per-request settings are kept for the last few distinct ones only, while a live
+    request holds its own rule."""
+    from kvcache.engine_adapters.vllm.worker import WorkerKV
+
+    planner = Planner(kvconfig.parse({"kv_policy": "snapkv", "kv_budget": 0.25}), 4096, 128)
+    worker = WorkerKV(planner.cfg)
+    for i in range(500):
+        overrides = (("kv_budget", 0.2 + i / 10000),)
+        planner.assign(f"r{i}", overrides)
+        worker.policy_for(overrides)
+        if i % 2:
+            planner.release(f"r{i}")
+    assert len(planner._rule_cache) <= 64 and len(worker.policies) <= 64
+    assert len(planner.rules) == 250 and planner.rule("r0").cfg.budget == 0.2  # live requests keep theirs
+    assert worker.policy_for(()) is worker.policy

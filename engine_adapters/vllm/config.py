@@ -9,8 +9,9 @@ parsing and the error messages are testable without an engine.
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Callable
 
 from kvcache import registry
 from kvcache.budget.base import parse_budget, tokens_for
@@ -150,6 +151,30 @@ class KVPluginConfig:
                     f"minimum budget {self.request_min_budget} ({least} tokens, --kv-request-min-budget); ask for "
                     f"kv_budget >= {self.request_min_budget}, or 1.0 for the full cache"
                 )
+
+
+class RecentCache:
+    """The objects made for the last ``size`` distinct per-request settings (a plan, a policy), so that a
+    stream of requests with ever new values (budgets 0.2501, 0.2502, ...) cannot grow a process's memory."""
+
+    def __init__(self, size: int = 64) -> None:
+        self.size = size
+        self._items: OrderedDict[Any, Any] = OrderedDict()
+
+    def get(self, key: Any, make: Callable[[], Any]) -> Any:
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        value = self._items[key] = make()
+        if len(self._items) > self.size:
+            self._items.popitem(last=False)
+        return value
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self._items
 
 
 def request_overrides(extra_args: dict[str, Any] | None) -> tuple[tuple[str, Any], ...]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvcache.engine_adapters.vllm.config import KVPluginConfig, recompact_tokens
+from kvcache.engine_adapters.vllm.config import KVPluginConfig, RecentCache, recompact_tokens
 from kvcache.plan import KVPlan, RequestBudget, blocks_for
 
 # vLLM holds the captured queries of every request that is still prefilling: at most this many of a prompt's
@@ -96,16 +96,19 @@ class Planner:
         self.policy = self.plan.policy
         self.states: dict[str, RequestState] = {}
         self.rules: dict[str, RequestRule] = {}  # requests with settings of their own
-        self._rule_cache: dict[tuple, RequestRule] = {(): self.default}
+        self._rule_cache = RecentCache()  # the rules of recent distinct settings (a live request holds its own)
         self.observation_note = self.plan.observation_note(MAX_OBSERVED)
 
     def rule_for(self, overrides: tuple) -> RequestRule:
         """The rule of a request carrying ``overrides`` (raises ``KVPluginError`` when they are invalid)."""
-        rule = self._rule_cache.get(overrides)
-        if rule is None:
+        if not overrides:
+            return self.default
+
+        def make() -> RequestRule:
             cfg = self.cfg.for_request(overrides)
-            rule = self._rule_cache[overrides] = RequestRule(overrides, cfg, cfg.create_plan())
-        return rule
+            return RequestRule(overrides, cfg, cfg.create_plan())
+
+        return self._rule_cache.get(overrides, make)
 
     def assign(self, req_id: str, overrides: tuple) -> RequestRule:
         """Give a request its own settings (kept across preemptions, until :meth:`release`)."""

@@ -246,7 +246,7 @@ class WorkerKV:
     def __init__(self, cfg: kvconfig.KVPluginConfig) -> None:
         self.cfg = cfg
         self.policy = cfg.create_policy()
-        self.policies: dict[tuple, Any] = {(): self.policy}  # by a request's own kv settings (Compaction.overrides)
+        self.policies = kvconfig.RecentCache()  # by a request's own kv settings (Compaction.overrides)
         self.requests: dict[str, RequestBuffers] = {}
         self.layouts: dict[tuple, KVLayout] = {}
         self.group: LayerGroup | None = None
@@ -259,10 +259,9 @@ class WorkerKV:
 
     def policy_for(self, overrides: tuple) -> Any:
         """The policy object of requests carrying ``overrides`` (the scheduler checked them; one object each)."""
-        policy = self.policies.get(overrides)
-        if policy is None:
-            policy = self.policies[overrides] = self.cfg.for_request(overrides).create_policy()
-        return policy
+        if not overrides:
+            return self.policy
+        return self.policies.get(overrides, lambda: self.cfg.for_request(overrides).create_policy())
 
     def drop(self, req_ids: Any) -> None:
         for req_id in req_ids or ():
