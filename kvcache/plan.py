@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 import torch
 
-from kvcache.budget.base import LayerBudget, check_budget, tokens_for
+from kvcache.budget.base import LayerBudget, check_budgets, tokens_for
 from kvcache.evict.base import EvictionPolicy, Observation, accumulate
 from kvcache.registry import PolicyConfigError, check_int
 
@@ -53,26 +53,27 @@ class KVPlan:
     def __init__(
         self, policy: EvictionPolicy, budget: float | int | Sequence[float | int], layer_budget: LayerBudget | None = None
     ) -> None:
-        rows = tuple(budget) if isinstance(budget, (list, tuple)) else None
-        if rows is not None and not rows:
-            raise PolicyConfigError("budget: a per-row list needs one budget per batch row, got an empty list")
-        for value in rows or (budget,):
-            check_budget(value)
+        rows = check_budgets(budget)
         self.policy = policy
         self.budget = budget if rows is None else rows
         self.row_budgets = rows  # one budget per batch row (a batch whose rows chose their own), or None
         self.layer_budget = layer_budget
         self.keeps_everything = not policy.compresses or all(_full(value) for value in rows or (budget,))
 
+    def check_rows(self, batch_rows: int) -> None:
+        """A per-row budget list must have one budget per row of the batch."""
+        if self.row_budgets is not None and len(self.row_budgets) != batch_rows:
+            raise PolicyConfigError(
+                f"budget lists {len(self.row_budgets)} per-row budgets but the batch has {batch_rows} rows; pass one "
+                "budget per row (or one budget for all)"
+            )
+
     def budget_of(self, row: int | None = None) -> float | int:
         """The budget of batch row ``row`` (the one budget when there is no per-row list)."""
         if self.row_budgets is None:
             return self.budget
-        if row is None or not 0 <= row < len(self.row_budgets):
-            raise PolicyConfigError(
-                f"budget lists {len(self.row_budgets)} per-row budgets but batch row {row} was asked for; pass one "
-                "budget per row of the batch (or one budget for all)"
-            )
+        if row is None:
+            raise PolicyConfigError("budget is a per-row list: the batch row must be given")
         return self.row_budgets[row]
 
     # -- one request -------------------------------------------------------------------------------

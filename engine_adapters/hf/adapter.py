@@ -28,7 +28,7 @@ from kvcache.attention.quantized import attend_packed, packed_probabilities
 from kvcache.engine_adapters.hf.cache import CompressionPlan, PolicyCache, PolicyLayer, QuantPolicyLayer
 from kvcache.engine_adapters.hf.compat import cache_arg, take_cache
 from kvcache.engine_adapters.hf.ragged import RaggedPolicyCache
-from kvcache.budget import check_budget
+from kvcache.budget import check_budgets
 from kvcache.budget.heads import HeadBudget, parse_head_budget
 from kvcache.plan import KVPlan
 from kvcache.registry import PolicyConfigError
@@ -423,11 +423,7 @@ def kv_policy(
     ...     out = model.generate(**inputs, max_new_tokens=64)
     ...     session.stats()["kv_bytes"]
     """
-    budgets = list(budget) if isinstance(budget, (list, tuple)) else [budget]
-    if not budgets:
-        raise PolicyConfigError("budget: a per-row list needs one budget per batch row, got an empty list")
-    for value in budgets:
-        check_budget(value)
+    budgets = check_budgets(budget) or (budget,)
     if attention not in BACKENDS:
         raise PolicyConfigError(f"unknown attention backend {attention!r}; valid: {', '.join(BACKENDS)}")
     evict = kvcache.create("evict", policy, **policy_params)

@@ -37,7 +37,6 @@ from kvcache.plan import KVPlan, RequestBudget
 from kvcache.quant.base import QuantCodec
 from kvcache.quant.store import KVStore
 from kvcache.quant.saliency import normalized_attention, probe_positions
-from kvcache.registry import PolicyConfigError
 from kvcache.selector import protected_slots, replacement_slot, select_keep
 
 PROBE_SEED = 0  # ZipCache's random probe queries at the prompt are drawn from this seed (reproducible runs)
@@ -81,12 +80,7 @@ class CompressionPlan:
     def start(self, prompt_len: list[int], first_index: torch.Tensor) -> None:
         """Fix per-sequence budgets from the prompt (``prompt_len``: real tokens of the prompt pass per
         sequence, host ints; ``first_index [B]``: position of each sequence's first real token)."""
-        rows = self.plan.row_budgets
-        if rows is not None and len(rows) != len(prompt_len):
-            raise PolicyConfigError(
-                f"budget lists {len(rows)} per-row budgets but the batch has {len(prompt_len)} rows; pass one budget "
-                "per row (or one budget for all)"
-            )
+        self.plan.check_rows(len(prompt_len))
         self.prompt_len = list(prompt_len)
         self.first_index = first_index
         self.requests = [self.plan.request(n, row=i) for i, n in enumerate(self.prompt_len)]

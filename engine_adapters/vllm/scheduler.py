@@ -108,11 +108,14 @@ class KVCacheScheduler(Scheduler):
         """Tokens the KV pool holds (vLLM's null block excluded)."""
         return (self.kv_cache_manager.block_pool.num_gpu_blocks - 1) * self.kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
 
+    @staticmethod
+    def _kv_wants_prompt_logprobs(request: Any) -> bool:
+        return request.sampling_params is not None and request.sampling_params.prompt_logprobs is not None
+
     def _kv_chunk_evicts(self, request: Any) -> bool:
         """Whether the request's prefill (its prompt, or after a preemption its prompt and generated tokens)
         is compacted chunk by chunk."""
-        prompt_logprobs = request.sampling_params is not None and request.sampling_params.prompt_logprobs is not None
-        return self.kv_planner.chunk_evicts(request.num_tokens, prompt_logprobs)
+        return self.kv_planner.chunk_evicts(request.num_tokens, self._kv_wants_prompt_logprobs(request))
 
     def _kv_admission_blocks(self, request: Any) -> int | None:
         """Blocks the request's prefill holds at its peak (None: the plugin does not change vLLM's count, the
@@ -258,8 +261,7 @@ class KVCacheScheduler(Scheduler):
                 finishes=(
                     request.num_output_tokens + 1 >= request.max_tokens or request.num_tokens + 1 >= self.max_model_len
                 ),
-                prompt_logprobs=request.sampling_params is not None
-                and request.sampling_params.prompt_logprobs is not None,
+                prompt_logprobs=self._kv_wants_prompt_logprobs(request),
             )
         attach(output, plan)
         return output

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 import math
-from typing import ClassVar
+from typing import ClassVar, Sequence
 
 import torch
 
@@ -21,6 +21,18 @@ def check_budget(budget: float | int) -> None:
         )
     if isinstance(budget, int) and budget < 1:
         raise PolicyConfigError(f"budget {budget} as a token count must be >= 1")
+
+
+def check_budgets(budget: float | int | Sequence[float | int]) -> tuple[float | int, ...] | None:
+    """Check one budget, or a list with one budget per batch row; returns the rows (None for one budget)."""
+    if not isinstance(budget, (list, tuple)):
+        check_budget(budget)
+        return None
+    if not budget:
+        raise PolicyConfigError("budget: a per-row list needs one budget per batch row, got an empty list")
+    for value in budget:
+        check_budget(value)
+    return tuple(budget)
 
 
 def parse_budget(text: str | float | int) -> float | int:
