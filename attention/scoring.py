@@ -10,6 +10,10 @@ keys are never repeated per query head.
 Positions or validity shared by every sequence or head may be passed expanded (stride 0 over those
 dimensions, e.g. ``torch.arange(T).expand(B, H, T)`` for a prompt whose slots are its positions): the
 mask is then computed once for them, ``[q, T]`` instead of ``[B, H_kv, q, T]``.
+
+A positional bias that depends on the key alone (``key_bias [B, H_q, T]``, added to every query's logits
+over the slots) rides along everywhere logits are made: ALiBi (:func:`alibi_key_bias`) is one, since the part
+of its bias that depends on the query is the same for every slot of a row and cancels in the softmax.
 """
 
 from __future__ import annotations
@@ -51,20 +55,43 @@ def hidden_slots(key_index: torch.Tensor, key_valid: torch.Tensor, query_index: 
     return (invalid | (k_idx > q_idx)) & (k_idx != q_idx)
 
 
+def alibi_key_bias(slopes: torch.Tensor, key_index: torch.Tensor, reference: int | torch.Tensor) -> torch.Tensor:
+    """ALiBi (Press et al., arXiv 2108.12409) as a per-key logit bias ``[B, H_q, T]`` fp32.
+
+    A query at logical position i adds ``-slope_h * (i - p_j)`` to its logit of the token at logical position
+    ``p_j`` (``key_index [B, H_kv, T]``; ``slopes [H_q]``). Minus the row constant ``slope_h * (i - reference)``,
+    that is ``slope_h * (p_j - reference)``: the same for every query, so one bias serves a whole pass (MPT's own
+    trick). Slots keep their tokens' original positions through eviction, so a kept token keeps its true
+    distance; ``reference`` (the pass's last position) only keeps the values near zero for recent tokens."""
+    b, h_kv, t = key_index.shape
+    distance = (key_index - reference).float()[:, :, None, :]  # [B, H_kv, 1, T]
+    return (slopes.float().view(1, h_kv, -1, 1) * distance).reshape(b, -1, t)
+
+
+def _grouped_bias(key_bias: torch.Tensor, h_kv: int) -> torch.Tensor:
+    """``key_bias [B, H_q, T]`` as ``[B, H_kv, G, 1, T]``, to add to grouped logits."""
+    b, h_q, t = key_bias.shape
+    return key_bias.view(b, h_kv, h_q // h_kv, 1, t)
+
+
 def _is_power_of_two(x: float) -> bool:
     return x > 0 and math.frexp(x)[0] == 0.5
 
 
-def grouped_logits(queries: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
-    """z = Q K^T * scaling in fp32, shaped ``[B, H_kv, G, q, T]``. A power-of-two ``scaling`` (1/8 for
-    64-channel heads) is exact either way, so it scales the ``q x D`` queries instead of the ``q x T``
+def grouped_logits(
+    queries: torch.Tensor, keys: torch.Tensor, scaling: float, key_bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """z = Q K^T * scaling (+ ``key_bias``) in fp32, shaped ``[B, H_kv, G, q, T]``. A power-of-two ``scaling``
+    (1/8 for 64-channel heads) is exact either way, so it scales the ``q x D`` queries instead of the ``q x T``
     logits (the same bits, a smaller pass)."""
     b, h_q, q, d = queries.shape
     h_kv, t = keys.shape[1], keys.shape[2]
     stacked = queries.reshape(b, h_kv, h_q // h_kv * q, d).float()  # the group's queries stacked: no broadcast copy of K
     if _is_power_of_two(scaling):
-        return torch.matmul(stacked * scaling, keys.float().transpose(-1, -2)).view(b, h_kv, h_q // h_kv, q, t)
-    return torch.matmul(stacked, keys.float().transpose(-1, -2)).mul_(scaling).view(b, h_kv, h_q // h_kv, q, t)
+        z = torch.matmul(stacked * scaling, keys.float().transpose(-1, -2)).view(b, h_kv, h_q // h_kv, q, t)
+    else:
+        z = torch.matmul(stacked, keys.float().transpose(-1, -2)).mul_(scaling).view(b, h_kv, h_q // h_kv, q, t)
+    return z if key_bias is None else z.add_(_grouped_bias(key_bias, h_kv))
 
 
 def masked_logits(
@@ -74,9 +101,10 @@ def masked_logits(
     key_valid: torch.Tensor,
     query_index: torch.Tensor,
     scaling: float,
+    key_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Grouped logits ``[B, H_kv, G, q, T]`` with invisible slots at ``-inf`` (masked in place)."""
-    logits = grouped_logits(queries, keys, scaling)
+    logits = grouped_logits(queries, keys, scaling, key_bias)
     return logits.masked_fill_(hidden_slots(key_index, key_valid, query_index)[:, :, None], float("-inf"))
 
 
@@ -93,13 +121,15 @@ def column_sums(
     query_index: torch.Tensor,
     scaling: float,
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    key_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """sum_i softmax(transform(z_i))_j over the given queries: ``[B, H_kv, G, T]`` fp32, chunked over queries.
 
     ``transform`` maps masked logits to the logits actually normalised (Keyformer's ``(z + g) / tau``);
-    it must keep ``-inf`` at ``-inf``.
+    it must keep ``-inf`` at ``-inf``. ``key_bias [B, H_q, T]`` is added to every query's logits (ALiBi).
     """
-    if use_triton(keys) and kernel_computes(transform):  # CUDA: the fused kernel (attention/triton_scoring.py)
+    # the Triton kernel adds no bias: a biased model (ALiBi) scores in torch
+    if use_triton(keys) and kernel_computes(transform) and key_bias is None:  # CUDA: the fused kernel (attention/triton_scoring.py)
         from kvcache.attention import triton_scoring
 
         return triton_scoring.column_sums(queries, keys, key_index, key_valid, query_index, scaling, transform)
@@ -109,7 +139,8 @@ def column_sums(
     step = query_chunk(q, b * h_q * t)
     chunks = [(start, min(q, start + step)) for start in range(0, q, step)]
     for (start, stop), (masked_from, seen) in zip(chunks, chunk_columns(key_index, key_valid, query_index, chunks)):
-        z = grouped_logits(queries[:, :, start:stop], keys[:, :, :seen], scaling)
+        bias = None if key_bias is None else key_bias[..., :seen]
+        z = grouped_logits(queries[:, :, start:stop], keys[:, :, :seen], scaling, bias)
         if masked_from < seen:  # slots before ``masked_from`` are visible to every query of the chunk
             hidden = hidden_slots(
                 key_index[..., masked_from:seen], key_valid[..., masked_from:seen], query_index[:, start:stop]
@@ -154,8 +185,10 @@ def window_probabilities(
     query_index: torch.Tensor,
     scaling: float,
     window: int,
+    key_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """softmax(Q[-w:] K^T * scaling) over visible slots, fp32 ``[B, H_kv, G, w, T]`` (causal inside the window)."""
+    """softmax(Q[-w:] K^T * scaling (+ ``key_bias``)) over visible slots, fp32 ``[B, H_kv, G, w, T]`` (causal
+    inside the window)."""
     w = min(window, queries.shape[2])
-    z = masked_logits(queries[:, :, -w:], keys, key_index, key_valid, query_index[:, -w:], scaling)
+    z = masked_logits(queries[:, :, -w:], keys, key_index, key_valid, query_index[:, -w:], scaling, key_bias)
     return torch.softmax(z, dim=-1)

@@ -37,6 +37,12 @@ def tiny_model(family: str) -> torch.nn.Module:
     elif family == "gptj":
         config = tf.GPTJConfig(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=256, vocab_size=VOCAB, bos_token_id=1, eos_token_id=2)
         model_cls = tf.GPTJForCausalLM
+    elif family == "mpt":
+        # 6 heads: ALiBi slopes of a non-power-of-two head count (interleaved); use_cache false as MPT checkpoints ship;
+        # a wider init than the default 0.02, whose tiny model repeats one token
+        config = tf.MptConfig(d_model=96, n_layers=2, n_heads=6, expansion_ratio=2, max_seq_len=256, vocab_size=VOCAB,
+                              initializer_range=0.2, bos_token_id=1, eos_token_id=2)
+        model_cls = tf.MptForCausalLM
     else:
         raise ValueError(family)
     config._attn_implementation = "eager"  # HF eager attention is the reference
@@ -45,7 +51,7 @@ def tiny_model(family: str) -> torch.nn.Module:
     return model
 
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gpt2", "gptj"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gpt2", "gptj", "mpt"]
 
 
 @pytest.fixture(scope="session")

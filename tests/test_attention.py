@@ -98,3 +98,40 @@ def test_attention_with_probabilities_equals_eager_attention(group):
     expected = torch.softmax(queries @ keys.repeat_interleave(group, dim=1).transpose(-1, -2) * 0.25, dim=-1)
     torch.testing.assert_close(probs, expected)
     assert probs.dtype == torch.float32 and probs.shape == (2, 2 * group, 1, 9)
+
+
+# -- a per-key logit bias (ALiBi) in every backend and statistic ---------------------------------------------
+def test_alibi_key_bias_in_attention_and_scores_matches_the_dense_softmax():
+    """ALiBi over scattered kept positions: ``key_bias`` (slope * (p_j - reference)) gives every backend and
+    statistic the softmax of z - slope * (i - p_j), the bias of each query's own distance, whatever the reference."""
+    from kvcache.attention.backends import attention_with_probabilities
+    from kvcache.attention.scoring import alibi_key_bias
+
+    gen = torch.Generator().manual_seed(4)
+    b, h_kv, group, t, q, d = 2, 2, 3, 12, 3, 8
+    queries = torch.randn(b, h_kv * group, q, d, generator=gen)
+    keys, values = torch.randn(b, h_kv, t, d, generator=gen), torch.randn(b, h_kv, t, d, generator=gen)
+    kept = torch.stack([torch.randperm(40, generator=gen)[: t - q].sort().values for _ in range(b * h_kv)])
+    index = torch.cat([kept.view(b, h_kv, t - q), torch.arange(40, 40 + q).expand(b, h_kv, q)], dim=-1)
+    valid = torch.ones(b, h_kv, t, dtype=torch.bool)
+    valid[1, :, :2] = False  # padding
+    q_index = torch.arange(40, 40 + q).expand(b, q)
+    slopes = torch.tensor([0.5, 0.25, 0.125, 2**-4, 2**-5, 2**-6])
+    bias = alibi_key_bias(slopes, index, 40 + q - 1)
+    visible = visibility(index, valid, q_index)  # [B, H_kv, q, T]
+    distance = (q_index[:, None, :, None] - index.repeat_interleave(group, 1)[:, :, None, :]).float()
+    z = queries @ keys.repeat_interleave(group, 1).transpose(-1, -2) * d**-0.5 - slopes.view(1, -1, 1, 1) * distance
+    dense = torch.softmax(z.masked_fill(~visible.repeat_interleave(group, 1), float("-inf")), dim=-1)
+    expected = dense @ values.repeat_interleave(group, 1)
+    for backend in ("sdpa", "reference"):
+        out = attend(queries, keys, values, visible, d**-0.5, backend, key_bias=bias)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    grouped = dense.reshape(b, h_kv, group, q, t)
+    torch.testing.assert_close(column_sums(queries, keys, index, valid, q_index, d**-0.5, key_bias=bias), grouped.sum(3))
+    torch.testing.assert_close(
+        window_probabilities(queries, keys, index, valid, q_index, d**-0.5, 2, bias), grouped[:, :, :, -2:]
+    )
+    # a decode query over real tokens only (no mask): the probabilities attention returns carry the bias too
+    out, probs = attention_with_probabilities(queries[:1, :, -1:], keys[:1], values[:1], d**-0.5, bias[:1])
+    torch.testing.assert_close(probs, dense[:1, :, -1:], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out, expected[:1, :, -1:], atol=1e-5, rtol=1e-5)

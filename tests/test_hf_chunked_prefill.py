@@ -56,7 +56,7 @@ def test_a_chunk_at_least_the_prompt_is_the_one_shot_run(policy, make_model):
         assert [layer.passes for layer in session.last_cache.layers] == one_shot_passes
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "gptj"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gptj", "mpt"])
 def test_budget_one_with_chunks_is_the_full_cache_run(family, make_model):
     model = make_model(family)
     ids, mask = padded_batch([60, 41])

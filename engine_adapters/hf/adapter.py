@@ -25,6 +25,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 import kvcache
 from kvcache.attention.backends import BACKENDS, attend, attention_with_probabilities
 from kvcache.attention.quantized import attend_packed, packed_probabilities
+from kvcache.attention.scoring import alibi_key_bias
 from kvcache.engine_adapters.hf.cache import CompressionPlan, PolicyCache, PolicyLayer, QuantPolicyLayer
 from kvcache.engine_adapters.hf.compat import cache_arg, take_cache
 from kvcache.engine_adapters.hf.ragged import RaggedPolicyCache
@@ -34,8 +35,10 @@ from kvcache.plan import KVPlan
 from kvcache.registry import PolicyConfigError
 
 ATTENTION_NAME = "kvcache"
-# model_type -> how attention is reached: through transformers' AttentionInterface, or GPT-J's _attn method
-# (transformers < 5.24; from 5.24 GPT-J also goes through the interface).
+# model_type -> how attention is reached: through transformers' AttentionInterface, GPT-J's _attn method
+# (transformers < 5.24; from 5.24 GPT-J also goes through the interface), or MPT's whole MptAttention.forward
+# (MPT adds its ALiBi bias inline, over the physical key positions, so kvcache takes the attention over and
+# gives each kept token the bias of its logical position: PolicyLayer.alibi_bias).
 SUPPORTED_FAMILIES: dict[str, str] = {
     "llama": "interface",
     "mistral": "interface",
@@ -43,11 +46,9 @@ SUPPORTED_FAMILIES: dict[str, str] = {
     "qwen3": "interface",
     "gpt2": "interface",
     "gptj": "gptj",
+    "mpt": "mpt",
 }
-UNSUPPORTED_REASONS: dict[str, str] = {
-    "mpt": "MPT computes its ALiBi attention inline in MptAttention.forward, so kvcache cannot yet give kept "
-    "tokens their original ALiBi distances; use GPT-J or GPT-2 (the Keyformer paper's other families)",
-}
+UNSUPPORTED_REASONS: dict[str, str] = {}
 
 
 def check_model(model: torch.nn.Module) -> str:
@@ -129,6 +130,10 @@ class KVSession:
             for module in attention_modules:
                 module._attn = types.MethodType(_gptj_attn, module)
                 self._undo.append(lambda m=module: delattr(m, "_attn"))
+        elif SUPPORTED_FAMILIES[self.family] == "mpt":  # attention inline in MptAttention.forward, no interface
+            for module in attention_modules:
+                module.forward = types.MethodType(_mpt_attention_forward, module)
+                self._undo.append(lambda m=module: delattr(m, "forward"))
         else:
             AttentionInterface.register(ATTENTION_NAME, policy_attention)
             AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
@@ -157,7 +162,9 @@ class KVSession:
 
     def _pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         cache = take_cache(kwargs, module)
-        use_cache = kwargs.get("use_cache", module.config.use_cache)
+        if kwargs.get("use_cache") is None:  # a KV policy implies a KV cache, whatever the config says (MPT: false)
+            kwargs["use_cache"] = True
+        use_cache = kwargs["use_cache"]
         if cache is None and use_cache:
             cache = kwargs[cache_arg(module)] = self.new_cache()
         self.active_cache = cache if isinstance(cache, PolicyCache) else None
@@ -174,26 +181,33 @@ class KVSession:
         value: torch.Tensor,
         mask: torch.Tensor | None,
         scaling: float,
+        alibi_slopes: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Attention output ``[B, H_q, q, D]`` for one layer; compresses the layer afterwards."""
+        """Attention output ``[B, H_q, q, D]`` for one layer; compresses the layer afterwards. ``alibi_slopes
+        [H_q]``: the model adds ALiBi biases (MPT), taken from each slot's logical position."""
         q = query.shape[2]
         cache = self.active_cache
-        if cache is None:
-            return attend(query, key, value, hf_visibility(mask, q, key.shape[2]), scaling, self.backend)
+        if cache is None:  # no policy cache: the keys are the sequence itself, slot j at position j
+            t = key.shape[2]
+            key_bias = None
+            if alibi_slopes is not None:
+                key_bias = alibi_key_bias(alibi_slopes, torch.arange(t, device=key.device).expand(key.shape[:3]), t - 1)
+            return attend(query, key, value, hf_visibility(mask, q, t), scaling, self.backend, key_bias)
         layer: PolicyLayer = cache.layers[layer_idx]
         new_valid = new_token_validity(mask, q)
         if new_valid is not None:  # HF made a mask: padding somewhere (read once per pass, not per layer)
             layer.mark_padding(new_valid, cache.pass_real_tokens(layer, new_valid))
         if isinstance(layer, QuantPolicyLayer):
             return self._attend_quantized(cache, layer, layer_idx, query, scaling)
+        key_bias = None if alibi_slopes is None else layer.alibi_bias(alibi_slopes)
         visible = self._visibility(layer, q)
         if visible is None and q == 1 and self.scores_with_decode_attention and layer.budget is not None:
-            out, probs = attention_with_probabilities(query, key, value, scaling)
-            cache.observe(layer_idx, query, scaling, probs)
+            out, probs = attention_with_probabilities(query, key, value, scaling, key_bias)
+            cache.observe(layer_idx, query, scaling, probs, key_bias)
             return out
-        out = attend(query, key, value, visible, scaling, self.backend)
+        out = attend(query, key, value, visible, scaling, self.backend, key_bias)
         if self.policy.compresses:
-            cache.observe(layer_idx, query, scaling)
+            cache.observe(layer_idx, query, scaling, key_bias=key_bias)
         return out
 
     def _attend_quantized(
@@ -272,6 +286,35 @@ def _gptj_attn(self: torch.nn.Module, query, key, value, attention_mask=None):
     """GPT-J's ``_attn`` replacement (GPT-J does not use the AttentionInterface)."""
     out = self._kvcache_session.attend(self.layer_idx, query, key, value, attention_mask, 1.0 / self.scale_attn)
     return out, None
+
+
+def _mpt_attention_forward(
+    self: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    position_bias: torch.Tensor | None,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """``MptAttention.forward`` replacement: MPT's projections as in transformers, attention by the session.
+
+    MPT adds ``position_bias`` (ALiBi, ``[H, 1, max_seq_len]``, linear in the key position) to its logits for the
+    last ``T`` key positions, ``T`` the keys held: after eviction those would be compacted positions. The
+    session adds the bias of each slot's logical position instead, with the per-head slopes read off the
+    model's own tensor (the step between two neighbouring keys). MPT's mask is True where hidden."""
+    cache = take_cache(kwargs, self)  # ``cache`` from transformers 5.24 on, ``past_key_values`` before
+    batch, length = hidden_states.shape[:2]
+    mixed = self.Wqkv(hidden_states)
+    if self.clip_qkv:
+        mixed = mixed.clamp(min=-self.clip_qkv, max=self.clip_qkv)
+    query, key, value = (
+        part.reshape(batch, length, self.n_heads, self.head_dim).transpose(1, 2) for part in mixed.chunk(3, dim=2)
+    )
+    if cache is not None:
+        key, value = cache.update(key, value, self.layer_idx)
+    slopes = None if position_bias is None else position_bias[:, 0, -1] - position_bias[:, 0, -2]
+    mask = None if attention_mask is None else ~attention_mask
+    out = self._kvcache_session.attend(self.layer_idx, query, key, value, mask, self.softmax_scale, slopes)
+    return self.out_proj(out.transpose(1, 2).reshape(batch, length, -1)), None
 
 
 CHUNKED_KWARGS = ("attention_mask", "position_ids", "cache_position", "token_type_ids")
@@ -356,11 +399,16 @@ def chunked_prompt_forward(session: KVSession, decoder: torch.nn.Module, forward
 
 
 def _generate_with_policy(self: torch.nn.Module, *args: Any, **kwargs: Any):
-    """``model.generate`` with a fresh policy cache per call (the request's own state)."""
+    """``model.generate`` with a fresh policy cache per call (the request's own state). It always decodes with
+    the cache (``use_cache=True``), whatever the model's generation config says (MPT checkpoints ship
+    ``use_cache: false``; generate would then feed the whole sequence at every step into the cache)."""
     session: KVSession = self._kvcache_session_root
     config = kwargs.get("generation_config") or self.generation_config
     if kwargs.get("num_beams", config.num_beams or 1) > 1:
         raise PolicyConfigError("beam search (num_beams > 1) is not supported with a KV policy; use greedy or sampling")
+    if kwargs.get("use_cache", True) is False:
+        raise PolicyConfigError("use_cache=False runs generate without a KV cache, so a KV policy has nothing to act on")
+    kwargs["use_cache"] = True
     if take_cache(kwargs, self) is None:
         max_new = kwargs.get("max_new_tokens", config.max_new_tokens)
         kwargs[cache_arg(self)] = session.new_cache(max_new)
@@ -436,6 +484,11 @@ def kv_policy(
         quant_name = codec.registry_name
         if quant_name == "none":
             codec = None
+        elif SUPPORTED_FAMILIES.get(getattr(model.config, "model_type", None)) == "mpt":
+            raise PolicyConfigError(
+                f"quant {quant_name!r} with MPT is not supported yet: attention over the quantised store adds no "
+                "ALiBi bias; use quant=None with MPT"
+            )
         else:
             config = model.config
             head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

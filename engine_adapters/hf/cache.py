@@ -3,7 +3,9 @@
 Each layer stores ``[B, H_kv, C_l, D]`` keys and values plus, per slot, its logical position, whether
 it is a real token, and its policy score. Slots need not be in sequence order and may differ per KV
 head. Two lengths are kept apart: ``seen`` (logical: tokens the sequence has seen, what RoPE and
-``generate`` count) and ``length`` (physical: slots held).
+``generate`` count) and ``length`` (physical: slots held). Keys are cached after RoPE, so a kept key needs
+nothing more; an ALiBi model (MPT) gets its bias from each slot's logical position at every pass
+(:meth:`PolicyLayer.alibi_bias`), so a kept token keeps its original distance to every query.
 
 Host mirrors, so decode never reads a device tensor to decide anything (on a GPU each read is a
 synchronisation, and a decode step there is launch-bound): every layer keeps on the host how many real
@@ -30,7 +32,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvcache.attention.quantized import packed_probabilities
-from kvcache.attention.scoring import visibility, window_probabilities
+from kvcache.attention.scoring import alibi_key_bias, visibility, window_probabilities
 from kvcache.budget import LayerBudget
 from kvcache.evict.base import EvictionPolicy, Observation
 from kvcache.plan import KVPlan, RequestBudget
@@ -165,6 +167,12 @@ class PolicyLayer(CacheLayerMixin):
     def visible(self, q: int) -> torch.Tensor:
         """``[B, H_kv, q, T]``: which slot each of this pass's queries may attend (slot order)."""
         return visibility(self.index, self.valid, self.query_index(q))
+
+    def alibi_bias(self, slopes: torch.Tensor) -> torch.Tensor:
+        """``[B, H_q, T]``: the ALiBi logit bias of every slot in use for this pass's queries (``slopes [H_q]``), from
+        each slot's logical position, so a kept token keeps its original distance after eviction
+        (:func:`kvcache.attention.scoring.alibi_key_bias`)."""
+        return alibi_key_bias(slopes, self.index, self.seen - 1)
 
     @property
     def all_valid(self) -> bool:
@@ -476,11 +484,18 @@ class PolicyCache(Cache):
         return self._pass_real[1]
 
     def observe(
-        self, layer_idx: int, queries: torch.Tensor, scaling: float, probabilities: torch.Tensor | None = None
+        self,
+        layer_idx: int,
+        queries: torch.Tensor,
+        scaling: float,
+        probabilities: torch.Tensor | None = None,
+        key_bias: torch.Tensor | None = None,
     ) -> None:
         """After layer ``layer_idx`` attended with ``queries``: score its slots and evict over budget.
         ``probabilities`` (``[B, H_q, q, T]`` over the slots, when attention already produced them) spare the
-        policy reading the keys, which a quantised layer would have to dequantise."""
+        policy reading the keys, which a quantised layer would have to dequantise. ``key_bias [B, H_q, T]`` is
+        the positional bias the model's attention added to every query's logits over the slots (ALiBi, made
+        from the slots' logical positions by :meth:`PolicyLayer.alibi_bias`); the policy's statistics add it too."""
         layer: PolicyLayer = self.layers[layer_idx]
         plan = self.plan
         q = queries.shape[2]
@@ -516,6 +531,7 @@ class PolicyCache(Cache):
             values=layer.values if stored else None,
             # a layer-wide selection (TOVA) evicts the same slot in every head of a dense layer: same layout
             heads_share_slots=layer.heads_aligned or (plan.policy.shares_layer_selection and type(layer) is PolicyLayer),
+            key_bias=key_bias,
         )
         previous = None if first_pass else layer.scores[:, :, : layer.length - q]
         if prompt_chunk:
@@ -538,7 +554,7 @@ class PolicyCache(Cache):
             return
         window = plan.layer_budget.window
         probs = window_probabilities(
-            obs.queries, obs.keys, obs.key_index, obs.key_valid, obs.query_index, obs.scaling, window
+            obs.queries, obs.keys, obs.key_index, obs.key_valid, obs.query_index, obs.scaling, window, obs.key_bias
         )
         prefix = obs.key_valid & (obs.key_index < (obs.query_index[:, -1:, None] + 1 - window))
         budgets = plan.cascade(plan.layer_budget.preference(probs, prefix))

@@ -217,10 +217,15 @@ class RaggedPolicyCache(PolicyCache):
         return [layer.head_tokens() for layer in self.layers]
 
     def observe(
-        self, layer_idx: int, queries: torch.Tensor, scaling: float, probabilities: torch.Tensor | None = None
+        self,
+        layer_idx: int,
+        queries: torch.Tensor,
+        scaling: float,
+        probabilities: torch.Tensor | None = None,
+        key_bias: torch.Tensor | None = None,
     ) -> None:
         try:
-            super().observe(layer_idx, queries, scaling, probabilities)
+            super().observe(layer_idx, queries, scaling, probabilities, key_bias)
         finally:
             self.layers[layer_idx].drop_view()
 

@@ -48,6 +48,10 @@ class Observation:
     # every KV head holds the same token in each slot (a layer-wide selection keeps them so, or no eviction yet):
     # per-head statistics can then be combined slot by slot, without lining slots up by position
     heads_share_slots: bool = False
+    # [B, H_q, T] fp32 logit bias of each slot, the same for every query of the pass, when the model adds a
+    # positional bias to its attention logits (MPT's ALiBi: kvcache.attention.scoring.alibi_key_bias); every
+    # statistic made from the keys adds it, as the model's attention does
+    key_bias: torch.Tensor | None = None
 
     @property
     def group_size(self) -> int:
@@ -60,7 +64,8 @@ class Observation:
         same as from z."""
         if self.probabilities is None:
             return column_sums(
-                self.queries, self.keys, self.key_index, self.key_valid, self.query_index, self.scaling, transform
+                self.queries, self.keys, self.key_index, self.key_valid, self.query_index, self.scaling, transform,
+                self.key_bias,
             )
         b, h_q, q, t = self.probabilities.shape
         probs = self.probabilities.float().reshape(b, h_q // self.group_size, self.group_size, q, t)

@@ -135,6 +135,8 @@ class ExpectedAttention(EvictionPolicy):
         used = real_queries(obs)[:, -n:] & (query_index >= first[:, None] + self.sinks)
         mean, cov = query_statistics(queries, used, self.use_covariance)
         logits = expected_logits(obs.keys, mean, cov, obs.scaling)  # [B, H_kv, G, T]
+        if obs.key_bias is not None:  # a positional bias (ALiBi) as seen from the prompt's end, where queries come next
+            logits += obs.key_bias.view(logits.shape)
         counted = obs.key_valid & (obs.key_index >= first[:, None, None] + self.sinks)  # [B, H_kv, T]
         logits = logits.masked_fill(~counted[:, :, None], float("-inf"))
         scores = torch.softmax(logits, dim=-1).nan_to_num_(0.0).mean(dim=2)  # a row with nothing counted: 0

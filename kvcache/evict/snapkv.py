@@ -43,7 +43,7 @@ class SnapKV(EvictionPolicy):
 
     def score(self, obs: Observation, previous: torch.Tensor | None) -> torch.Tensor:
         probs = window_probabilities(
-            obs.queries, obs.keys, obs.key_index, obs.key_valid, obs.query_index, obs.scaling, self.window
+            obs.queries, obs.keys, obs.key_index, obs.key_valid, obs.query_index, obs.scaling, self.window, obs.key_bias
         )
         votes = probs.sum(dim=3).mean(dim=2)  # sum over window queries, mean over the KV group
         return pool_scores(votes, obs.key_index, self.kernel, self.pooling)
