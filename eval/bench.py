@@ -1,15 +1,16 @@
-"""``kvcache bench``: decode tokens/s, time to first token, KV bytes and peak process memory of a policy
-beside the full cache, in the same process, over prompt lengths and batch sizes.
+"""``kvcache bench decode`` (also plain ``kvcache bench``): decode tokens/s, time to first token, KV bytes and
+peak process memory of a policy beside the full cache, in the same process, over prompt lengths and batch sizes.
 
-    kvcache bench --policy snapkv --budget 0.5 --prompt-lengths 512 1024 2048 --batch-sizes 1 4 \\
+    kvcache bench decode --policy snapkv --budget 0.5 --prompt-lengths 512 1024 2048 --batch-sizes 1 4 \\
         --out results/bench_smollm2                                   # CPU, the embedded model
-    kvcache bench --policy full --quant zipcache ...                  # a codec alone (or composed: --policy snapkv)
-    kvcache bench --device cuda --model llama3-8b-random ...          # GPU, Llama-3-8B shape, random weights
+    kvcache bench decode --policy full --quant zipcache ...           # a codec alone (or composed: --policy snapkv)
+    kvcache bench decode --device cuda --model llama3-8b-random ...   # GPU, Llama-3-8B shape, random weights
 
 Answers "how much memory and speed do I win?". For every (prompt length, batch size) cell the full cache
 (plain transformers ``DynamicCache``, no adapter) and the policy run on the same prompts
-``--repeats`` times (default 3), the two caches alternating; each figure is the median of the repeats, with every
-run's TTFT and decode tokens/s kept in ``runs`` for the spread. Measured, never computed from a formula:
+``--repeats`` times (default 3), the two caches alternating (:mod:`kvcache.eval.harness`); each figure is the
+median of the repeats, with its min and max, and every run's TTFT and decode tokens/s kept in ``runs``.
+Measured, never computed from a formula:
 
 * ``ttft_s``: wall time of the prefill forward pass that yields the first token.
 * ``decode_tok_s``: ``batch * (N - 1) / decode seconds``: the N - 1 following greedy steps, timed in the same
@@ -21,9 +22,9 @@ run's TTFT and decode tokens/s kept in ``runs`` for the spread. Measured, never 
   (``/proc/self/clear_refs``), so each run has its own peak; ``peak_gpu_bytes`` (CUDA):
   ``torch.cuda.max_memory_allocated`` reset before the run.
 
-Writes ``bench.json`` (machine, settings, one row per cell and cache) and ``bench.png`` (decode tokens/s,
-TTFT, KV bytes and peak memory against prompt length, one line per cache and batch size). Times depend on
-the machine and its load; they are reported, never asserted.
+Writes ``bench.json`` (machine, load before and after, busy warnings, settings, one row per cell and cache),
+``bench.png`` (decode tokens/s, TTFT, KV bytes and peak memory against prompt length, one line per cache and
+batch size) and ``table.md``. Times depend on the machine and its load; they are reported, never asserted.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from kvcache.budget import parse_budget
-from kvcache.eval.machine import machine
+from kvcache.eval import harness
 
 LLAMA3_8B = dict(
     vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -191,16 +192,16 @@ def run_once(model, ids, args, policy: bool) -> dict[str, Any]:
 
 
 def summarise_runs(runs: list[dict[str, Any]], ids, new_tokens: int) -> dict[str, Any]:
-    """Medians of TTFT and decode time over the repeats (peak memory: the largest), every run's TTFT and decode
-    tokens/s kept in ``runs``."""
-    import statistics
-
-    decode_s = statistics.median(r["decode_s"] for r in runs)
+    """Medians (with min and max) of TTFT and decode time over the repeats (peak memory: the largest), every
+    run's TTFT and decode tokens/s kept in ``runs``."""
     tokens = ids.shape[0] * (new_tokens - 1)
-    row = {"ttft_s": statistics.median(r["ttft_s"] for r in runs), "decode_s": decode_s, "decode_tok_s": tokens / decode_s,
+    rates = [tokens / r["decode_s"] for r in runs]
+    decode_s = harness.stats([r["decode_s"] for r in runs])["median"]
+    row = {**harness.spread("ttft_s", [r["ttft_s"] for r in runs]), "decode_s": decode_s, "decode_tok_s": tokens / decode_s,
+           "decode_tok_s_min": min(rates), "decode_tok_s_max": max(rates),
            "kv_bytes": runs[-1]["kv_bytes"], "kv_bytes_per_token": runs[-1]["kv_bytes"] / ids.numel(),
            **{k: max(r[k] for r in runs) for k in runs[-1] if k.startswith("peak_")},
-           "runs": [{"ttft_s": r["ttft_s"], "decode_tok_s": tokens / r["decode_s"]} for r in runs]}
+           "runs": [{"ttft_s": r["ttft_s"], "decode_tok_s": rate} for r, rate in zip(runs, rates)]}
     if "kept_tokens_per_layer" in runs[-1]:
         row["kept_tokens_per_layer"] = runs[-1]["kept_tokens_per_layer"]
     return row
@@ -219,23 +220,19 @@ def run_bench(args: argparse.Namespace) -> dict:
 
     with kv_policy(model, args.policy, budget=args.budget, layer_budget=args.layer_budget, quant=args.quant):
         pass  # settings that depend on the model (a codec's group size vs head_dim) fail here, before any timing
+    recorder = harness.Recorder(args.device)
     data: dict[str, Any] = {"model": args.model, "policy": cache_label(args), "budget": args.budget, "layer_budget": args.layer_budget,
                             "new_tokens": args.new_tokens, "repeats": args.repeats, "dtype": str(next(model.parameters()).dtype),
-                            "machine": machine(args.device), "rows": []}
+                            **recorder.record(), "rows": []}
     cells = [(n, b) for n in args.prompt_lengths for b in args.batch_sizes]
-    args.out.mkdir(parents=True, exist_ok=True)
     warm = prompts(tok, 64, 1).to(args.device)
     from transformers import DynamicCache
 
     greedy_run(model, warm, 2, args.device, DynamicCache(config=model.config))  # warm-up (allocator, kernels)
     for length, batch in tqdm(cells, desc="bench", unit="cell"):
         ids = prompts(tok, length, batch).to(args.device)
-        full_runs, pol_runs = [], []
-        for _ in range(args.repeats):  # the two caches alternate
-            full_runs.append(run_once(model, ids, args, policy=False))
-            pol_runs.append(run_once(model, ids, args, policy=True))
-        full = summarise_runs(full_runs, ids, args.new_tokens)
-        pol = summarise_runs(pol_runs, ids, args.new_tokens)
+        runs = harness.alternate(["full", "policy"], args.repeats, lambda name: run_once(model, ids, args, policy=name == "policy"))
+        full, pol = (summarise_runs(runs[name], ids, args.new_tokens) for name in ("full", "policy"))
         for name, row in (("full", full), (cache_label(args), pol)):
             data["rows"].append({"cache": name, "prompt_len": length, "batch": batch, **row})
         data["rows"].append({
@@ -246,19 +243,17 @@ def run_bench(args: argparse.Namespace) -> dict:
         })
         mem_key = "peak_gpu_bytes" if "peak_gpu_bytes" in full else "peak_rss_bytes"
         data["rows"][-1]["peak_mem_ratio"] = pol[mem_key] / full[mem_key]
-        (args.out / "bench.json").write_text(json.dumps(data, indent=1))
+        data.update(recorder.record())
+        harness.write_report(data, args.out / "bench.json")  # after every cell: an interrupted run keeps its cells
         del ids
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
+    data.update(recorder.finish())
     return data
 
 
 def plot(data: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = harness.pyplot()
     rows = [r for r in data["rows"] if r["cache"] != "ratio"]
     mem_key = "peak_gpu_bytes" if any("peak_gpu_bytes" in r for r in rows) else "peak_rss_bytes"
     metrics = [("decode_tok_s", "decode tokens/s"), ("ttft_s", "time to first token (s)"),
@@ -279,10 +274,9 @@ def plot(data: dict, path: Path) -> None:
     axes[0].legend(fontsize=8)
     m = data["machine"]
     where = m.get("gpu") or f"CPU, {m.get('cpus')} cores, {m.get('torch_threads')} torch threads"
-    fig.suptitle(f"{data['policy']} @ budget {data['budget']} vs full cache - {data['model']} ({data['dtype']}), {where}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    fig.suptitle(f"{data['policy']} @ budget {data['budget']} vs full cache - {data['model']} ({data['dtype']}), {where}, "
+                 f"load {data.get('load_before')} -> {data.get('load_after')}")
+    harness.save_figure(fig, path, dpi=110)
 
 
 def markdown_table(data: dict) -> str:
@@ -316,9 +310,6 @@ def run(args: argparse.Namespace) -> int:
     kvcache.create("budget", args.layer_budget)
     kvcache.create("quant", args.quant)
     data = json.loads((args.out / "bench.json").read_text()) if args.plot_only else run_bench(args)
-    plot(data, args.out / "bench.png")
-    table = markdown_table(data)
-    (args.out / "table.md").write_text(table + "\n")
-    print(table)
-    print(f"wrote {args.out / 'bench.json'}, {args.out / 'bench.png'}, {args.out / 'table.md'}")
+    written = harness.write_report(data, args.out / "bench.json", plot, markdown_table)
+    print("wrote " + ", ".join(map(str, written)))
     return 0

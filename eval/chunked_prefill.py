@@ -127,12 +127,12 @@ def run_memory_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def memory(args: argparse.Namespace) -> dict[str, Any]:
-    from kvcache.eval.machine import machine
+    from kvcache.eval.harness import Recorder
 
     configs = ["full-cache:1.0:none", f"{args.policy}:{args.budget}:none"] + [
         f"{args.policy}:{args.budget}:{c}" for c in args.chunks
     ]
-    load_before = os.getloadavg()
+    recorder = Recorder("cpu")
     rows = []
     for config in configs:
         cmd = [sys.executable, "-m", "kvcache.eval.chunked_prefill", "memory", "--one", config, "--model", args.model,
@@ -143,11 +143,7 @@ def memory(args: argparse.Namespace) -> dict[str, Any]:
         rows.append(row)
         print(f"{config}: peak KV {row['peak_kv_bytes'] / 2**20:.1f} MiB, RSS +{row['rss_growth_bytes'] / 2**20:.0f} MiB, "
               f"prefill {row['prefill_s']} s, answer {row['answer']!r} ({'right' if row['correct'] else 'wrong'})", file=sys.stderr)
-    return {
-        "model": args.model, "data_file": args.data_file, "cap_mib": args.cap_mib, "rows": rows,
-        "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in os.getloadavg()],
-        "machine": machine("cpu"),
-    }
+    return {"model": args.model, "data_file": args.data_file, "cap_mib": args.cap_mib, "rows": rows, **recorder.finish()}
 
 
 def _mean(values: list[float]) -> float | None:
@@ -161,7 +157,7 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
 
     from kvcache.engine_adapters.hf import load_model
     from kvcache.eval.lm_eval_model import KVCacheLM
-    from kvcache.eval.machine import machine
+    from kvcache.eval.harness import machine
 
     from kvcache.budget import parse_budget
 

@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from kvcache.eval.machine import machine
+from kvcache.eval.harness import machine
 from kvcache.models import DEFAULT_MODEL
 
 TASK_FILE = Path(__file__).resolve().parent / "tasks" / "data" / "passkey_2k.jsonl"

@@ -1,10 +1,14 @@
-"""``kvcache dit-bench``: DiT feature-cache policies side by side on the trained digits DiT.
+"""``kvcache bench dit``: DiT feature-cache policies side by side on the trained digits DiT.
 
 For each policy and setting: wall-clock speedup and fraction of block computations skipped against the
 uncached run in the same process, and PSNR / SSIM / MSE of the images against the uncached images from
 the same seed. diffusers' own ``FirstBlockCacheConfig`` (and ``cache-dit``'s DBCache when it is installed
 and accepts the model) run on the same model in the same run. Writes JSON and a PNG of PSNR vs speedup
-(one curve per method).
+(one curve per method), with the machine and its load.
+
+Timing (:mod:`kvcache.eval.harness`): per configuration, ``--repeats`` rounds of an uncached run and a cached
+run, alternating; ``seconds`` and ``uncached_seconds`` are the medians (with ``_min``, ``_max``, ``_iqr``),
+``speedup`` the ratio of the medians and ``speedup_best`` that of the fastest runs.
 
 Block computations are counted independently of the policies: a forward pre-hook on each block's first
 attention module fires only when the block really runs.
@@ -22,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-from kvcache.eval.machine import load_average, machine
+from kvcache.eval import harness
 
 # (policy, params) grids. The uncached run is measured separately.
 SWEEP: dict[str, list[dict[str, Any]]] = {
@@ -67,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3,
-                        help="timed (uncached, cached) pairs per configuration; the fastest of each counts")
+                        help="timed (uncached, cached) pairs per configuration, alternating; medians reported")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 gives stable timings on a shared CPU)")
     parser.add_argument("--policies", default=",".join(SWEEP), help="comma-separated policies to sweep")
     parser.add_argument("--quick", action="store_true", help="two settings per policy, fewer baselines")
@@ -177,44 +181,50 @@ def run(args: argparse.Namespace) -> int:
         return (out + 1) / 2, time.perf_counter() - start, count[0]
 
     digits.sample(model, labels[:2], steps=3, guidance=args.guidance)  # warm up
+    recorder = harness.Recorder("cpu")
     reference, _, base_blocks = once()
     base_all: list[float] = []
     results: list[dict[str, Any]] = []
     for method in tqdm(methods, desc="dit-bench", unit="config"):
-        # Paired timing: an uncached run right before each cached run; the fastest of each counts.
-        base_times, times, own, images, blocks = [], [], None, reference, 0
+        cached: dict[str, Any] = {"images": reference, "blocks": 0, "own": None}
+
+        def measure(name: str) -> float:
+            if name == "uncached":
+                return once()[1]
+            method.attach(model)
+            try:
+                cached["images"], seconds, cached["blocks"] = once()
+                cached["own"] = method.stats(model)["fraction_skipped"] if method.stats is not None else None
+            finally:
+                method.detach(model)
+            return seconds
+
         try:
-            for _ in range(args.repeats):
-                base_times.append(once()[1])
-                method.attach(model)
-                try:
-                    images, seconds, blocks = once()
-                    times.append(seconds)
-                    own = method.stats(model)["fraction_skipped"] if method.stats is not None else None
-                finally:
-                    method.detach(model)
+            runs = harness.alternate(["uncached", "cached"], args.repeats, measure)
         except Exception as err:  # an external library that does not accept this model
             external_errors[method.family] = f"{type(err).__name__}: {err}"
             continue
-        base_all += base_times
-        q = quality(images, reference)
+        base_all += runs["uncached"]
+        q = quality(cached["images"], reference)
         # Blocks that ran (counted by the pre-hook); a token-level partial block runs but counts fractionally
         # in the policy's own statistics, which are used where the method has them.
-        skipped = own if own is not None else 1.0 - blocks / base_blocks
-        results.append({"family": method.family, "params": method.params, "seconds": min(times),
-                        "uncached_seconds": min(base_times), "speedup": min(base_times) / min(times),
-                        "blocks_called": blocks, "fraction_skipped": skipped,
+        skipped = cached["own"] if cached["own"] is not None else 1.0 - cached["blocks"] / base_blocks
+        timing = {**harness.spread("seconds", runs["cached"]), **harness.spread("uncached_seconds", runs["uncached"])}
+        results.append({"family": method.family, "params": method.params, **timing,
+                        "speedup": timing["uncached_seconds"] / timing["seconds"],
+                        "speedup_best": timing["uncached_seconds_min"] / timing["seconds_min"],
+                        "blocks_called": cached["blocks"], "fraction_skipped": skipped,
                         "block_reduction": 1.0 / max(1.0 - skipped, 1e-9), **q})
-    results.insert(0, {"family": "uncached", "params": {}, "seconds": min(base_all, default=math.nan),
-                       "uncached_seconds": min(base_all, default=math.nan), "speedup": 1.0,
-                       "blocks_called": base_blocks, "fraction_skipped": 0.0, "block_reduction": 1.0,
+    base = harness.spread("seconds", base_all) if base_all else {"seconds": math.nan}
+    results.insert(0, {"family": "uncached", "params": {}, **base, "uncached_seconds": base["seconds"], "speedup": 1.0,
+                       "speedup_best": 1.0, "blocks_called": base_blocks, "fraction_skipped": 0.0, "block_reduction": 1.0,
                        "psnr": math.inf, "ssim": 1.0, "mse": 0.0})
     for h in handles:
         h.remove()
 
     report = {
         "benchmark": "dit-bench",
-        "machine": {**machine(), "loadavg_at_end": load_average()},
+        **recorder.finish(),
         "model": {"weights": str(args.weights or digits.WEIGHTS), "blocks": len(model.transformer_blocks),
                   "config": digits.MODEL_CONFIG},
         "settings": {"steps": args.steps, "batch": args.batch, "guidance": args.guidance, "seed": args.seed,
@@ -223,13 +233,9 @@ def run(args: argparse.Namespace) -> int:
         "results": results,
     }
     out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, default=float) + "\n")
-    png = out.with_suffix(".png")
-    m = report["machine"]
-    _plot(results, png, f"{m['processor']}, {m['cpus']} cores, {args.threads} torch thread(s)")
+    written = harness.write_report(report, out, _plot)
     _print_table(results)
-    print(f"wrote {out} and {png}")
+    print("wrote " + " and ".join(map(str, written)))
     return 0
 
 
@@ -241,20 +247,14 @@ def _print_table(results: list[dict[str, Any]]) -> None:
               f"{r['fraction_skipped']:>7.1%} {r['psnr']:>7.2f} {r['ssim']:>6.3f}")
 
 
-def _plot(results: list[dict[str, Any]], path: Path, machine: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no PNG written")
-        return
+def _plot(report: dict[str, Any], path: Path) -> None:
+    plt = harness.pyplot()
+    results, m = report["results"], report["machine"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
     families = sorted({r["family"] for r in results if r["family"] != "uncached"})
     colors = plt.get_cmap("tab20")(range(len(families)))
     markers = "osD^v<>pPX*h"
-    for ax, key, label in ((axes[0], "speedup", "wall-clock speedup vs uncached (paired, same run)"),
+    for ax, key, label in ((axes[0], "speedup", "wall-clock speedup vs uncached (medians, alternating, same run)"),
                            (axes[1], "block_reduction", "block computations: uncached / cached")):
         for n, family in enumerate(families):
             pts = sorted((r[key], r["psnr"]) for r in results if r["family"] == family and math.isfinite(r["psnr"]))
@@ -266,7 +266,6 @@ def _plot(results: list[dict[str, Any]], path: Path, machine: str) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("PSNR vs uncached output (dB)")
     axes[1].legend(fontsize=7, loc="upper right")
-    fig.suptitle(f"DiT feature caching on the trained digits DiT ({machine})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig.suptitle(f"DiT feature caching on the trained digits DiT ({m['processor']}, {m['cpus']} cores, "
+                 f"{m['torch_threads']} torch thread(s), load {report['load_before']} -> {report['load_after']})", fontsize=10)
+    harness.save_figure(fig, path)

@@ -40,6 +40,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from kvcache.eval.harness import write_report
+
 TEXT_KINDS = ("python-docs", "licenses", "docstrings", "man")
 # standard-library modules with long docstrings, and common manual pages, tried in this order
 DOCSTRING_MODULES = ("argparse", "typing", "logging", "collections", "tarfile", "subprocess", "json", "pathlib")
@@ -201,7 +203,7 @@ def run_fidelity(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
     from kvcache.engine_adapters.hf import kv_policy, load_model
-    from kvcache.eval.machine import machine
+    from kvcache.eval.harness import machine
 
     model, tok = load_model(args.model, dtype=torch.float32, device=args.device)
     total = args.prefix_tokens + args.ppl_tokens
@@ -339,9 +341,6 @@ def run(args: argparse.Namespace) -> int:
     if args.chunk < 1 or args.ppl_tokens < 2 or args.docs < 1:
         raise SystemExit("kvcache fidelity: --chunk >= 1, --ppl-tokens >= 2 and --docs >= 1")
     data = json.loads((args.out / "fidelity.json").read_text()) if args.plot_only else run_fidelity(args)
-    plot(data, args.out / "fidelity.png")
-    table = markdown_table(data)
-    (args.out / "table.md").write_text(table + "\n")
-    print(table)
-    print(f"wrote {args.out / 'fidelity.json'}, {args.out / 'fidelity.png'}, {args.out / 'table.md'}")
+    written = write_report(data, args.out / "fidelity.json", plot, markdown_table)
+    print("wrote " + ", ".join(map(str, written)))
     return 0

@@ -10,11 +10,15 @@
   and dense ``scaled_dot_product_attention`` over the bf16 cache as the floor, for KIVI 2/4-bit and
   ZipCache.
 
-The torch path is forced with ``KVCACHE_TRITON=0`` and the kernels with ``=1``; each timing is the median
-of ``--repeats`` CUDA-event timings after one warm-up call (which compiles the kernel). Every row also
-records the largest difference between the kernel's and torch's result. Writes
-``gpu_kernel_bench.json`` (machine with the GPU's name, triton version, settings, rows) and
-``gpu_kernel_bench.png`` to ``--out``. Needs CUDA and triton; ``--help`` works anywhere.
+The torch path is forced with ``KVCACHE_TRITON=0`` and the kernels with ``=1``; the two alternate
+(:mod:`kvcache.eval.harness`), ``--repeats`` CUDA-event timings each after one warm-up round (which compiles
+the kernel); each figure is the median, with min and max. Every row also records the largest difference
+between the kernel's and torch's result. Writes ``gpu_kernel_bench.json`` (machine with the GPU's name,
+load, triton version, settings, rows) and ``gpu_kernel_bench.png`` to ``--out``. Needs CUDA and triton;
+``--help`` works anywhere.
+
+    kvcache bench kernels --lengths 4096 8192 16384 32768 --repeats 10
+    python -m kvcache.eval.gpu_kernel_bench ...      # the same
 """
 
 from __future__ import annotations
@@ -23,19 +27,19 @@ import argparse
 import contextlib
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
+from kvcache.eval import harness
+from kvcache.registry import UsageError
+
 DEFAULT_SPECS = ["kivi:bits=2", "kivi:bits=4", "zipcache"]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", nargs="+", type=int, default=[4096, 8192, 16384, 32768], help="cache lengths T")
     parser.add_argument("--query-heads", type=int, default=32, help="H_q (Llama-3-8B: 32)")
     parser.add_argument("--kv-heads", type=int, default=8, help="H_kv (Llama-3-8B: 8)")
@@ -49,7 +53,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="cuda; cpu only smoke-tests this script (set TRITON_INTERPRET=1; its timings mean nothing)",
     )
     parser.add_argument("--out", type=Path, default=Path("results/gpu_kernel_bench"), help="output folder")
-    return parser.parse_args(argv)
 
 
 @contextlib.contextmanager
@@ -68,26 +71,11 @@ def kernels(on: bool) -> Iterator[None]:
             os.environ[ENV_SWITCH] = previous
 
 
-def cuda_ms(fn: Callable[[], object], repeats: int) -> float:
-    """Median milliseconds of ``fn`` by CUDA events, after one warm-up call (wall clock off CUDA)."""
-    fn()
-    if not torch.cuda.is_available():
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+def timed(calls: dict[str, Callable[[], object]], repeats: int, prefix: str = "") -> dict[str, object]:
+    """:func:`kvcache.eval.harness.time_calls` by CUDA events; a call named ``triton``/``torch`` is routed to the
+    Triton kernel or the torch path."""
+    return harness.time_calls(calls, repeats, timer=harness.cuda_seconds, prefix=prefix,
+                              around=lambda name: kernels(name == "triton") if name in ("triton", "torch") else contextlib.nullcontext())
 
 
 def column_sum_rows(args: argparse.Namespace, gen: torch.Generator) -> list[dict]:
@@ -108,14 +96,13 @@ def column_sum_rows(args: argparse.Namespace, gen: torch.Generator) -> list[dict
                     transform = GumbelLogits(1.0) if policy == "keyformer" else None
                     return column_sums(queries, keys, key_index, key_valid, query_index, scaling, transform)
 
-                row = {"kind": "column_sums", "policy": policy, "T": t, "q": q}
-                for name, on in (("triton", True), ("torch", False)):
-                    with kernels(on):
-                        row[f"{name}_ms"] = cuda_ms(run, args.repeats)
-                        if policy == "h2o":
-                            row[f"_{name}_out"] = run()
+                row = {"kind": "column_sums", "policy": policy, "T": t, "q": q, **timed({"triton": run, "torch": run}, args.repeats)}
                 if policy == "h2o":  # deterministic: the two paths must agree
-                    row["max_abs_diff"] = float((row.pop("_triton_out") - row.pop("_torch_out")).abs().max())
+                    outputs = {}
+                    for name in ("triton", "torch"):
+                        with kernels(name == "triton"):
+                            outputs[name] = run()
+                    row["max_abs_diff"] = float((outputs["triton"] - outputs["torch"]).abs().max())
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     return rows
@@ -132,19 +119,18 @@ def packed_decode_rows(args: argparse.Namespace, gen: torch.Generator) -> list[d
         keys = torch.randn(1, args.kv_heads, t, d, generator=gen, device=args.device).to(torch.bfloat16)
         values = torch.randn(1, args.kv_heads, t, d, generator=gen, device=args.device).to(torch.bfloat16)
         query = torch.randn(1, args.query_heads, 1, d, generator=gen, device=args.device).to(torch.bfloat16)
-        dense_ms = cuda_ms(
-            lambda: torch.nn.functional.scaled_dot_product_attention(query, keys, values, scale=scaling, enable_gqa=True),
-            args.repeats,
-        )
+        dense = timed({"dense": lambda: torch.nn.functional.scaled_dot_product_attention(
+            query, keys, values, scale=scaling, enable_gqa=True)}, args.repeats, prefix="sdpa_")
         for spec in args.specs:
             store = KVStore(kvcache.create("quant", spec), d, torch.bfloat16, device=args.device)
             saliency = torch.rand(1, args.kv_heads, t, generator=gen, device=args.device)
             store.append(keys, values, saliency)
-            row = {"kind": "packed_decode", "spec": spec, "T": t, "sdpa_dense_ms": dense_ms, "store_bytes": store.nbytes()}
+            call = lambda: attend_packed(query, store, scaling=scaling)  # noqa: E731
+            row = {"kind": "packed_decode", "spec": spec, "T": t, **dense, "store_bytes": store.nbytes(),
+                   **timed({"triton": call, "torch": call}, args.repeats)}
             outputs = {}
-            for name, on in (("triton", True), ("torch", False)):
-                with kernels(on):
-                    row[f"{name}_ms"] = cuda_ms(lambda: attend_packed(query, store, scaling=scaling), args.repeats)
+            for name in ("triton", "torch"):
+                with kernels(name == "triton"):
                     outputs[name] = attend_packed(query, store, scaling=scaling, return_lse=True)
             row["max_abs_diff"] = float((outputs["triton"][0].float() - outputs["torch"][0].float()).abs().max())
             row["max_abs_diff_lse"] = float((outputs["triton"][1] - outputs["torch"][1]).abs().max())
@@ -154,10 +140,7 @@ def packed_decode_rows(args: argparse.Namespace, gen: torch.Generator) -> list[d
 
 
 def plot(rows: list[dict], title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = harness.pyplot()
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
     sums = [r for r in rows if r["kind"] == "column_sums"]
@@ -178,35 +161,34 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
     right.set(xscale="log", yscale="log", xlabel="cache length T", ylabel="ms (median)", title="decode attention, q = 1")
     right.legend(fontsize=7)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    harness.save_figure(fig, path)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("gpu_kernel_bench needs a CUDA device (the Triton kernels run on GPUs; the CPU keeps the torch paths)", file=sys.stderr)
-        return 2
+        raise UsageError("needs a CUDA device (the Triton kernels run on GPUs; the CPU keeps the torch paths)")
     try:
         import triton
     except ImportError:
-        print("gpu_kernel_bench needs triton: pip install 'kvcache[dev]' (or pip install triton)", file=sys.stderr)
-        return 2
-    from kvcache.eval.machine import load_average, machine
+        raise UsageError("needs triton: pip install 'kvcache[dev]' (or pip install triton)") from None
 
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
-    info = machine(args.device)
+    recorder = harness.Recorder(args.device)
     rows = column_sum_rows(args, gen) + packed_decode_rows(args, gen)
-    info["loadavg_at_end"] = load_average()
-    args.out.mkdir(parents=True, exist_ok=True)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    result = {"machine": info, "triton": triton.__version__, "settings": settings, "rows": rows}
-    (args.out / "gpu_kernel_bench.json").write_text(json.dumps(result, indent=1))
+    result = {**recorder.finish(), "triton": triton.__version__, "settings": settings, "rows": rows}
     shapes = f"H_q={args.query_heads}, H_kv={args.kv_heads}, D={args.head_dim}, bf16"
-    plot(rows, f"Triton kernels vs torch ({shapes}) on {info.get('gpu', args.device)}", args.out / "gpu_kernel_bench.png")
-    print(f"wrote {args.out / 'gpu_kernel_bench.json'} and {args.out / 'gpu_kernel_bench.png'}")
+    where = result["machine"].get("gpu", args.device)
+
+    def plot_rows(report: dict, path: Path) -> None:
+        plot(report["rows"], f"Triton kernels vs torch ({shapes}) on {where}", path)
+
+    written = harness.write_report(result, args.out / "gpu_kernel_bench.json", plot_rows)
+    print("wrote " + " and ".join(map(str, written)))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from kvcache.cli import bench_main
+
+    sys.exit(bench_main("kernels"))

@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         print("RESULT " + json.dumps(result))
         return 0
     from kvcache.engine_adapters.hf import resolve_model
-    from kvcache.eval.machine import machine
+    from kvcache.eval.harness import machine
 
     path = str(resolve_model(a.model))
     if not Path(a.kvpress_python).exists():

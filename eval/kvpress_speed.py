@@ -1,14 +1,15 @@
 """Decode speed of kvcache beside NVIDIA's kvpress: same model, same prompt, same keep fraction, same threads.
 
 kvpress needs transformers < 5.3, so the two libraries cannot share a process; instead each repeat runs one
-process per library, the libraries alternating (kvcache, kvpress, kvcache, ...), each process timing the
-full cache and every policy on the same prompt in turn. Decode tokens/s is read from a logits processor
-that stamps every step, over the ``--new-tokens`` steps after the first (the prompt pass is reported
-apart). The ratio kvcache / kvpress of the medians is what matters; each library's full cache is measured
-in the same process as a check that the two environments run the model at the same speed.
+process per library, the libraries alternating (kvcache, kvpress, kvcache, ...; :mod:`kvcache.eval.harness`),
+each process timing the full cache and every policy on the same prompt in turn. Decode tokens/s is read from
+a logits processor that stamps every step, over the ``--new-tokens`` steps after the first (the prompt pass
+is reported apart). The ratio kvcache / kvpress of the medians is what matters; each library's full cache is
+measured in the same process as a check that the two environments run the model at the same speed.
 
-    python -m kvcache.eval.kvpress_speed --task qa_1k --keep 0.5 --policies snapkv streaming h2o tova \\
+    kvcache bench kvpress --task qa_1k --keep 0.5 --policies snapkv streaming h2o tova \\
         --new-tokens 64 --repeats 3 --threads 2 --out results/kvpress_smollm2
+    python -m kvcache.eval.kvpress_speed ...      # the same
 
 kvpress compresses once, at the prompt (its cache grows during decode); kvcache's every-step policies
 (streaming, h2o, tova) evict at every step, as their papers do. Writes ``speed.json`` and ``speed.png``.
@@ -18,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+from kvcache.eval import harness
 from kvcache.eval.kvpress_compare import DATA, PAIRS, ROOT, load_rows, model_loader, policy_context, prompt_ids
+from kvcache.registry import UsageError
 
 SIDES = ("kvcache", "kvpress")
 
@@ -68,8 +70,9 @@ def summarise(runs: list[dict], policies: list[str]) -> dict:
             values = [r["rows"][policy]["decode_tok_s"] for r in runs if r["side"] == side]
             prompts = [r["rows"][policy]["prompt_s"] for r in runs if r["side"] == side]
             if values:
-                entry[side] = {"decode_tok_s": statistics.median(values), "min": min(values), "max": max(values),
-                               "runs": values, "prompt_s": statistics.median(prompts)}
+                rate = harness.stats(values)
+                entry[side] = {"decode_tok_s": rate["median"], "min": rate["min"], "max": rate["max"],
+                               "iqr": [rate["q1"], rate["q3"]], "runs": values, "prompt_s": harness.stats(prompts)["median"]}
         if all(side in entry for side in SIDES):
             entry["kvcache_vs_kvpress"] = entry["kvcache"]["decode_tok_s"] / entry["kvpress"]["decode_tok_s"]
         out[policy] = entry
@@ -81,10 +84,7 @@ def summarise(runs: list[dict], policies: list[str]) -> dict:
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = harness.pyplot()
 
     names = list(report["summary"])
     fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -98,16 +98,13 @@ def plot(report: dict, path: Path) -> None:
     ax.set_ylabel("decode tokens/s (median; bars: min-max)", fontsize=8)
     ax.set_title(f"{report['question']}\nload before {report['load_before']}, after {report['load_after']}", fontsize=7)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    harness.save_figure(fig, path)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--side", choices=["both", *SIDES], default="both")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--side", choices=["both", *SIDES], default="both", help=argparse.SUPPRESS)  # internal: one library's process
     p.add_argument("--model", default="smollm2-135m", help="embedded model name or local HF folder")
-    p.add_argument("--model-path", default=None, help="(internal) resolved model folder")
+    p.add_argument("--model-path", default=None, help=argparse.SUPPRESS)  # internal: the resolved model folder
     p.add_argument("--task", default="qa_1k", help="kvlong data file whose first sample is the prompt")
     p.add_argument("--keep", type=float, default=0.5)
     p.add_argument("--policies", nargs="+", default=["snapkv", "streaming", "h2o", "tova"], choices=list(PAIRS))
@@ -116,45 +113,49 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--kvpress-python", default=str(ROOT / ".venv-kvpress" / "bin" / "python"))
     p.add_argument("--out", type=Path, default=Path("results/kvpress_smollm2"))
-    a = p.parse_args(argv)
+
+
+def run(a: argparse.Namespace) -> int:
     if not 0 < a.keep <= 1:
-        p.error("--keep must be in (0, 1]")
-    if a.repeats < 3:
-        p.error("--repeats must be >= 3 (a median and a spread)")
+        raise UsageError("--keep must be in (0, 1]")
+    harness.check_repeats(a.repeats)
     if a.new_tokens < 1 or a.threads < 1:
-        p.error("--new-tokens and --threads must be >= 1")
+        raise UsageError("--new-tokens and --threads must be >= 1")
     if not (DATA / f"{a.task}.jsonl").exists():
-        p.error(f"unknown task data {a.task!r}; files are in {DATA}")
+        raise UsageError(f"unknown task data {a.task!r}; files are in {DATA}")
     if a.side != "both":
         print("RESULT " + json.dumps(time_side(a.side, a.model_path, a.task, a.keep, a.policies, a.new_tokens, a.threads)))
         return 0
     from kvcache.engine_adapters.hf import resolve_model
-    from kvcache.eval.machine import load_average, machine
 
     if not Path(a.kvpress_python).exists():
-        raise SystemExit(f"{a.kvpress_python} not found: create the kvpress environment (see kvcache/eval/kvpress_compare.py)")
+        raise UsageError(f"{a.kvpress_python} not found: create the kvpress environment (see kvcache/eval/kvpress_compare.py)")
     common = ["--model-path", str(resolve_model(a.model)), "--task", a.task, "--keep", str(a.keep), "--policies", *a.policies,
               "--new-tokens", str(a.new_tokens), "--threads", str(a.threads)]
+    recorder = harness.Recorder("cpu")
     report: dict[str, Any] = {
         "question": f"decode tok/s, {a.task} sample 0, keep {a.keep}, {a.new_tokens} tokens, batch 1, {a.threads} threads",
-        "model": a.model, "machine": machine("cpu"), "load_before": load_average(), "runs": [],
+        "model": a.model, "runs": [],
     }
-    for repeat in range(a.repeats):
-        for side in SIDES:
-            python = sys.executable if side == "kvcache" else a.kvpress_python
-            proc = subprocess.run([python, "-m", "kvcache.eval.kvpress_speed", "--side", side, *common], cwd=ROOT,
-                                  capture_output=True, text=True)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode or not lines:
-                raise SystemExit(f"{side} side failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-            report["runs"].append({**json.loads(lines[-1][7:]), "repeat": repeat})
-            print(f"repeat {repeat + 1}/{a.repeats} {side}: " + ", ".join(
-                f"{k} {v['decode_tok_s']:.1f}" for k, v in report["runs"][-1]["rows"].items()), flush=True)
-    report["load_after"] = load_average()
+
+    def measure(side: str) -> dict[str, Any]:
+        python = sys.executable if side == "kvcache" else a.kvpress_python
+        proc = subprocess.run([python, "-m", "kvcache.eval.kvpress_speed", "--side", side, *common], cwd=ROOT,
+                              capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            raise SystemExit(f"{side} side failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        return json.loads(lines[-1][7:])
+
+    def keep(side: str, repeat: int, result: dict[str, Any]) -> None:
+        report["runs"].append({**result, "repeat": repeat})
+        print(f"repeat {repeat + 1}/{a.repeats} {side}: " + ", ".join(
+            f"{k} {v['decode_tok_s']:.1f}" for k, v in result["rows"].items()), flush=True)
+
+    harness.alternate(SIDES, a.repeats, measure, after_each=keep)
+    report.update(recorder.finish())
     report["summary"] = summarise(report["runs"], a.policies)
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "speed.json").write_text(json.dumps(report, indent=1))
-    plot(report, a.out / "speed.png")
+    harness.write_report(report, a.out / "speed.json", plot)
     for name, entry in report["summary"].items():
         ratio = entry.get("kvcache_vs_kvpress")
         print(f"{name:<10} kvcache {entry['kvcache']['decode_tok_s']:6.1f}  kvpress {entry['kvpress']['decode_tok_s']:6.1f}  "
@@ -163,4 +164,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from kvcache.cli import bench_main
+
+    sys.exit(bench_main("kvpress"))

@@ -1,23 +1,23 @@
-"""``kvcache prompt-bench``: what does a policy's prompt pass cost over the full cache's, on the same prompt?
+"""``kvcache bench prompt``: what does a policy's prompt pass cost over the full cache's, on the same prompt?
 
 Every policy scores the prompt before it evicts: SnapKV with its last ``w`` queries, H2O and Keyformer with
 every query (Keyformer adds Gumbel noise per query-slot pair). In one process, on the same natural-text
 prompts of ``--prompt-length`` tokens, the full cache (plain transformers) and each policy at ``--budget``
 run the prompt pass (``generate`` of one token; the time to the first token, read by a logits processor),
-the caches alternating within each of ``--repeats`` (>= 3) rounds. The JSON keeps every run, the median
-(what the ratios use), the spread and the load average before and after; a PNG shows the ratios.
+the caches alternating within each of ``--repeats`` (>= 3) rounds (:mod:`kvcache.eval.harness`). The JSON
+keeps every run, the median (what the ratios use), the spread and the load before and after; a PNG shows
+the ratios.
 
-    kvcache prompt-bench --prompt-length 2048 --batch 1 --policies snapkv,h2o,keyformer --repeats 3
+    kvcache bench prompt --prompt-length 2048 --batch 1 --policies snapkv,h2o,keyformer --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 from pathlib import Path
 from typing import Any
 
+from kvcache.eval import harness
 from kvcache.models import DEFAULT_MODEL
 
 
@@ -45,41 +45,40 @@ def prompt_seconds(model: Any, ids: Any) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from kvcache.budget import check_budget
     from kvcache.engine_adapters.hf import kv_policy, load_model
     from kvcache.eval.bench import prompts
-    from kvcache.eval.machine import load_average, machine
-    from kvcache.registry import PolicyConfigError, check_int
+    from kvcache.registry import check_int
 
     check_budget(args.budget)
     check_int("--prompt-length", args.prompt_length, 1)
     check_int("--batch", args.batch, 1)
-    if args.repeats < 3:
-        raise PolicyConfigError(f"--repeats must be >= 3 (a median and a spread), got {args.repeats}")
+    harness.check_repeats(args.repeats)
     model, tokenizer = load_model(args.model)
     ids = prompts(tokenizer, args.prompt_length, args.batch)
     names = ["full"] + [p.strip() for p in args.policies.split(",") if p.strip()]
     prompt_seconds(model, ids[:, :64])  # warm-up
+    recorder = harness.Recorder("cpu")
     meta = {
         "question": f"prompt pass ({args.prompt_length} tokens x {args.batch}): policy at budget {args.budget} vs the "
         "full cache, same prompts", "model": args.model, "batch": args.batch, "prompt_tokens": args.prompt_length,
-        "budget": args.budget, "repeats": args.repeats, "machine": machine("cpu"), "load_before": load_average(),
+        "budget": args.budget, "repeats": args.repeats,
     }
     rows: dict[str, dict[str, Any]] = {}
-    args.out.mkdir(parents=True, exist_ok=True)
-    for _ in tqdm(range(args.repeats), desc="repeats"):
-        for name in tqdm(names, desc="caches", leave=False):
-            if name == "full":
-                seconds = prompt_seconds(model, ids)
-            else:
-                with kv_policy(model, name, budget=args.budget):
-                    seconds = prompt_seconds(model, ids)
-            rows.setdefault(name, {"prompt_s_runs": []})["prompt_s_runs"].append(seconds)
-            meta["load_after"] = load_average()
-            save(meta, rows, args.out)  # after every run, so an interrupted benchmark keeps what it measured
-    print(f"load average before {meta['load_before']}, after {meta['load_after']}")
+
+    def measure(name: str) -> float:
+        if name == "full":
+            return prompt_seconds(model, ids)
+        with kv_policy(model, name, budget=args.budget):
+            return prompt_seconds(model, ids)
+
+    def keep(name: str, _repeat: int, seconds: float) -> None:
+        rows.setdefault(name, {"prompt_s_runs": []})["prompt_s_runs"].append(seconds)
+        save({**meta, **recorder.record()}, rows, args.out)  # after every run: an interrupted benchmark keeps its runs
+
+    harness.alternate(names, args.repeats, measure, after_each=keep, desc="prompt bench")
+    report = save({**meta, **recorder.finish()}, rows, args.out)
+    print(f"load average before {report['load_before']}, after {report['load_after']}")
     for name, row in rows.items():
         print(f"{name:<12} {row['prompt_s']:>8.2f} s  ({row['prompt_s_min']:.2f}-{row['prompt_s_max']:.2f})  "
               f"{row['ratio_vs_full']:.2f}x full")
@@ -87,22 +86,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def save(meta: dict[str, Any], rows: dict[str, dict[str, Any]], out: Path) -> dict[str, Any]:
-    """Write the JSON (and the PNG): per cache the median prompt pass with its spread, and the ratio of medians
-    against the full cache."""
-    from kvcache.eval.limit_bench import ratio_bar_plot
-
-    for row in rows.values():
-        runs = row["prompt_s_runs"]
-        row.update(prompt_s=statistics.median(runs), prompt_s_min=min(runs), prompt_s_max=max(runs))
-    full = rows["full"]["prompt_s"]
-    for row in rows.values():
-        row["ratio_vs_full"] = row["prompt_s"] / full
-    report = {**meta, "rows": rows}
-    (out / "prompt_bench.json").write_text(json.dumps(report, indent=2))
-    names = list(rows)
-    ratio_bar_plot(
-        names, [rows[n]["ratio_vs_full"] for n in names], [rows[n]["prompt_s_min"] / full for n in names],
-        [rows[n]["prompt_s_max"] / full for n in names],
-        "prompt pass time / full cache's\n(median of runs; bars: min-max)", report, out / "prompt_bench.png",
-    )
-    return report
+    """Write the JSON (and the PNG once the full cache is measured): per cache the median prompt pass with its
+    spread, and the ratio of medians against the full cache."""
+    return harness.ratio_report(meta, rows, out / "prompt_bench.json", "prompt_s", "ratio_vs_full",
+                                "prompt pass time / full cache's\n(median of runs; bars: min-max)")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from kvcache.eval.machine import machine
+from kvcache.eval.harness import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:

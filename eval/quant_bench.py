@@ -1,4 +1,4 @@
-"""``kvcache quant-bench``: measured bytes, round-trip error and CPU attention speed of the KV codecs.
+"""``kvcache bench quant``: measured bytes, round-trip error and CPU attention speed of the KV codecs.
 
 Everything is measured on one layer's store filled with synthetic data (no model needed): keys are
 Gaussian with a few outlier channels (x8, as real post-RoPE keys have), values Gaussian. ZipCache's
@@ -6,8 +6,10 @@ saliency comes from ZipCache's own probe queries (:func:`kvcache.quant.saliency.
 Reported per codec and head dim: bytes held (``KVStore.nbytes``), bytes per token per KV head, the
 compression ratio against a 16-bit cache of the same tokens, relative RMS error of K and V, the relative
 error of decode attention over the packed cache against fp32 attention over the original K/V, and then
-``attend_packed`` time against dense ``scaled_dot_product_attention`` for a few cache lengths.
-Output is JSON (stdout or ``--output``).
+``attend_packed`` time against dense ``scaled_dot_product_attention`` for a few cache lengths (the
+functions alternating, ``--repeats`` rounds after one warm-up round; medians with min and max).
+Output is JSON (stdout, or ``--output`` with a PNG beside it), with the machine and its load
+(:mod:`kvcache.eval.harness`).
 
 With ``--decode-model`` it measures instead what a user sees: decode tokens/s of a real model through the
 HF adapter, the dense cache against each codec, alternating runs with median and spread
@@ -21,11 +23,12 @@ import json
 import math
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 import kvcache
-from kvcache.eval.machine import machine
+from kvcache.eval import harness
 from kvcache.quant.store import KVStore
 from kvcache.attention.quantized import attend_packed
 from kvcache.quant.saliency import attention_saliency, probe_positions
@@ -126,17 +129,9 @@ def memory_and_error(args: argparse.Namespace) -> list[dict[str, object]]:
     return rows
 
 
-def _median_ms(fn: object, repeats: int) -> float:
-    fn()  # type: ignore[operator]
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()  # type: ignore[operator]
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def speed(args: argparse.Namespace) -> list[dict[str, object]]:
+    """Per cache length: milliseconds of one decode query's attention, dense (fp32 cache; 16-bit cache upcast
+    per call) and over each codec's packed store, the functions alternating within every repeat."""
     rows = []
     head_dim = args.head_dims[0]
     for length in args.lengths:
@@ -144,25 +139,18 @@ def speed(args: argparse.Namespace) -> list[dict[str, object]]:
         keys, values = synthetic_kv(args.kv_heads, length, head_dim, gen)
         query = torch.randn(1, args.query_heads, 1, head_dim, generator=gen)
         k16, v16 = keys.half(), values.half()
-
-        def dense_fp32() -> torch.Tensor:  # the best dense case: an fp32 cache, GQA inside the kernel
-            return torch.nn.functional.scaled_dot_product_attention(query, keys, values, enable_gqa=True)
-
-        def dense_fp16_cache() -> torch.Tensor:  # a 16-bit cache, upcast per call as a CPU path must
-            return torch.nn.functional.scaled_dot_product_attention(query, k16.float(), v16.float(), enable_gqa=True)
-
-        row: dict[str, object] = {
-            "length": length,
-            "head_dim": head_dim,
-            "sdpa_fp32_cache_ms": _median_ms(dense_fp32, args.repeats),
-            "sdpa_fp16_cache_ms": _median_ms(dense_fp16_cache, args.repeats),
+        calls = {
+            # the best dense case: an fp32 cache, GQA inside the kernel
+            "sdpa_fp32_cache": lambda: torch.nn.functional.scaled_dot_product_attention(query, keys, values, enable_gqa=True),
+            # a 16-bit cache, upcast per call as a CPU path must
+            "sdpa_fp16_cache": lambda: torch.nn.functional.scaled_dot_product_attention(query, k16.float(), v16.float(), enable_gqa=True),
         }
         for spec in args.speed_codecs:
             sal = torch.rand(1, args.kv_heads, length, generator=gen)
             store = KVStore(kvcache.create("quant", spec), head_dim, torch.float16)
             store.append(keys, values, sal)
-            row[f"attend_packed_{spec}_ms"] = _median_ms(lambda s=store: attend_packed(query, s, block_size=args.block_size), args.repeats)
-        rows.append(row)
+            calls[f"attend_packed_{spec}"] = lambda s=store: attend_packed(query, s, block_size=args.block_size)
+        rows.append({"length": length, "head_dim": head_dim, **harness.time_calls(calls, args.repeats)})
     return rows
 
 
@@ -248,14 +236,13 @@ def _greedy(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, cache: o
     return first - start, end - first, torch.cat(generated, 1)
 
 
-def decode_speed(args: argparse.Namespace) -> dict[str, object]:
+def decode_speed(args: argparse.Namespace, recorder: harness.Recorder) -> dict[str, object]:
     """Decode tokens/s of the dense cache and of each codec (policy ``full``: every token kept, stored by the
-    codec) on a real model, through the HF adapter. Per batch size the caches run in turn, ``--repeats``
+    codec) on a real model, through the HF adapter. Per batch size the caches alternate, ``--repeats``
     rounds, in one process (so every ratio compares runs minutes apart on the same machine state); reported
     per cache: every run, the median and the min-max, the ratio of medians against the dense cache, the
     bytes held and the greedy tokens of the first run. Load averages are recorded before and after."""
     import contextlib
-    import os
     from types import SimpleNamespace
 
     from transformers import DynamicCache
@@ -267,42 +254,43 @@ def decode_speed(args: argparse.Namespace) -> dict[str, object]:
     caches = ["full", *args.decode_codecs]
     result: dict[str, object] = {"model": args.decode_model, "prompt_tokens": args.decode_prompt,
                                  "new_tokens": args.decode_new_tokens, "repeats": args.repeats,
-                                 "loadavg_before": list(os.getloadavg())}
+                                 "loadavg_before": recorder.load_before}
     cells = []
     for batch in args.decode_batches:
         ids = prompts(tokenizer, args.decode_prompt, batch)
-        runs: dict[str, list[tuple[float, float]]] = {c: [] for c in caches}
         held: dict[str, int] = {}
         tokens: dict[str, list[list[int]]] = {}
-        for _ in range(args.repeats):
-            for spec in caches:
-                context = contextlib.nullcontext() if spec == "full" else kv_policy(model, "full", quant=spec)
-                with context as session:
-                    cache = DynamicCache(config=model.config) if session is None else session.new_cache(args.decode_new_tokens)
-                    prompt_s, decode_s, generated = _greedy(model, ids, args.decode_new_tokens, cache)
-                    if session is not None:
-                        held[spec] = int(session.stats()["kv_bytes"])
-                runs[spec].append((prompt_s, batch * (args.decode_new_tokens - 1) / decode_s))
-                tokens.setdefault(spec, generated.tolist())
-        dense = statistics.median(rate for _, rate in runs["full"])
-        for spec in caches:
+
+        def measure(spec: str) -> tuple[float, float]:
+            context = contextlib.nullcontext() if spec == "full" else kv_policy(model, "full", quant=spec)
+            with context as session:
+                cache = DynamicCache(config=model.config) if session is None else session.new_cache(args.decode_new_tokens)
+                prompt_s, decode_s, generated = _greedy(model, ids, args.decode_new_tokens, cache)
+                if session is not None:
+                    held[spec] = int(session.stats()["kv_bytes"])
+            tokens.setdefault(spec, generated.tolist())
+            return prompt_s, batch * (args.decode_new_tokens - 1) / decode_s
+
+        runs = harness.alternate(caches, args.repeats, measure, desc=f"decode batch {batch}")
+        medians = {spec: harness.stats([rate for _, rate in runs[spec]])["median"] for spec in caches}
+        for spec, ratio in harness.ratios(medians, "full").items():
             rates = [rate for _, rate in runs[spec]]
-            median = statistics.median(rates)
-            cells.append({"batch": batch, "cache": spec, "decode_tok_s": rates, "decode_tok_s_median": median,
-                          "decode_tok_s_min": min(rates), "decode_tok_s_max": max(rates),
-                          "ratio_vs_full": median / dense, "prompt_s_median": statistics.median(p for p, _ in runs[spec]),
+            cells.append({"batch": batch, "cache": spec, "decode_tok_s": rates, "decode_tok_s_median": medians[spec],
+                          "decode_tok_s_min": min(rates), "decode_tok_s_max": max(rates), "ratio_vs_full": ratio,
+                          "prompt_s_median": harness.stats([p for p, _ in runs[spec]])["median"],
                           "kv_bytes": held.get(spec), "tokens": tokens[spec]})
     result["cells"] = cells
-    result["loadavg_after"] = list(os.getloadavg())
+    result["loadavg_after"] = harness.load_average()
     return result
 
 
 def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    result: dict[str, object] = {"machine": machine()}
+    recorder = harness.Recorder("cpu")
+    result: dict[str, object] = {}
     if args.decode_model:
-        result["decode"] = decode_speed(args)
+        result["decode"] = decode_speed(args, recorder)
     else:
         result.update({
             "kv_heads": args.kv_heads,
@@ -312,20 +300,43 @@ def run(args: argparse.Namespace) -> int:
         })
         if args.model:
             result["real_model"] = model_errors(args)
-    text = json.dumps(result, indent=2)
+    result = {**recorder.finish(), **result}
     if args.output:
-        with open(args.output, "w") as f:
-            f.write(text + "\n")
+        harness.write_report(result, Path(args.output), plot)
+        print(f"wrote {args.output} and {Path(args.output).with_suffix('.png')}")
     else:
-        print(text)
+        print(json.dumps(result, indent=2))
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+def plot(result: dict[str, object], path: Path) -> None:
+    """Decode tokens/s per cache and batch (``--decode-model``), else attention milliseconds against cache
+    length per function; medians with min-max bars."""
+    plt = harness.pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if "decode" in result:
+        cells = result["decode"]["cells"]  # type: ignore[index]
+        labels = [f"{c['cache']}\nbatch {c['batch']}" for c in cells]
+        med = [c["decode_tok_s_median"] for c in cells]
+        err = [[m - c["decode_tok_s_min"] for m, c in zip(med, cells)], [c["decode_tok_s_max"] - m for m, c in zip(med, cells)]]
+        ax.bar(labels, med, yerr=err, capsize=3, color=["grey" if c["cache"] == "full" else "tab:blue" for c in cells])
+        ax.set_ylabel("decode tokens/s (median; bars: min-max)", fontsize=8)
+        ax.tick_params(axis="x", labelsize=7)
+    else:
+        rows = result["speed_decode_one_query"]  # type: ignore[index]
+        names = [k[:-3] for k in rows[0] if k.endswith("_ms")]
+        lengths = [r["length"] for r in rows]
+        for name in names:
+            med = [r[f"{name}_ms"] for r in rows]
+            err = [[m - r[f"{name}_ms_min"] for m, r in zip(med, rows)], [r[f"{name}_ms_max"] - m for m, r in zip(med, rows)]]
+            ax.errorbar(lengths, med, yerr=err, marker="o", capsize=3, label=name)
+        ax.set(xscale="log", yscale="log", xlabel="cache length (tokens)", ylabel="ms per decode query (median; bars: min-max)")
+        ax.legend(fontsize=7)
+    ax.set_title(f"KV codecs, load average before {result.get('load_before')}, after {result.get('load_after')}", fontsize=8)
+    harness.save_figure(fig, path)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from kvcache.cli import bench_main
+
+    raise SystemExit(bench_main("quant"))

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kvcache.eval.machine import machine
+from kvcache.eval.harness import machine
 
 DEFAULT_POLICIES = ["keyformer", "snapkv", "h2o", "streaming"]
 DEFAULT_BUDGETS = [0.125, 0.25, 0.5, 0.75]

@@ -14,16 +14,18 @@ One engine serves every configuration (``VLLM_ENABLE_V1_MULTIPROCESSING=0``; set
 runs by ``kvcache.engine_adapters.vllm.inprocess.reconfigure``; "stock" is the plugin inert, whose
 scheduler runs vLLM's own code: the engine tests check it gives stock vLLM's tokens), so the pool, the
 weights and the warm-up are the same. Configurations are interleaved within each repeat; medians and the
-[min, max] spread over ``--repeats`` are reported. The load average before and after and the share of the
-CPU other processes used during each run are recorded; the command warns when that share exceeds 15%
-(the machine was busy): numbers taken under load are not evidence, so such a run is left out of the
-medians when the configuration has a quiet one (it stays in the JSON).
+[min, max] spread over ``--repeats`` are reported (:mod:`kvcache.eval.harness`). The machine, the load
+average before and after and the share of the CPU other processes used before and during each run are
+recorded; the command warns when that share exceeds 15% (the machine was busy): numbers taken under load
+are not evidence, so such a run is left out of the medians when the configuration has a quiet one (it
+stays in the JSON).
 
-    kvcache vllm-bench --policies snapkv,streaming,h2o,keyformer --budget 0.25 --output results/vllm/bench.json
+    kvcache bench serve --policies snapkv,streaming,h2o,keyformer --budget 0.25 --output results/vllm/bench.json
+    kvcache vllm-bench ...                     # the same (the older name)
     python -m kvcache.eval.vllm_bench ...      # the same
 
 A long benchmark can be split into short quiet windows (``--repeats 1 --output w1.json``, ``w2.json``, ...)
-and merged: ``kvcache vllm-bench --merge w1.json w2.json w3.json --output bench.json`` pools each
+and merged: ``kvcache bench serve --merge w1.json w2.json w3.json --output bench.json`` pools each
 configuration's runs, reports medians and spreads over all of them and keeps every window's load.
 """
 
@@ -32,20 +34,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvcache.eval import harness
+from kvcache.eval.harness import BUSY_SHARE  # share of the CPU used by other processes above which a run is busy
 from kvcache.registry import UsageError
 
 DEFAULT_POLICIES = ("snapkv", "streaming", "h2o", "keyformer")
 TASKS = ("passkey", "multikey", "qa", "vartrack")
 SUITES = {1024: "1k", 2048: "2k"}  # --prompt-tokens -> the kvlong data files
-BUSY_SHARE = 0.15  # share of the machine's CPU time used by other processes above which it counts as busy
 BLOCK_SIZE = 128  # vLLM's CPU default
 
 
@@ -166,58 +167,8 @@ def answer_score(tokenizer: Any, request: BenchRequest, tokens: list[int]) -> fl
     return score(text, request.answers)
 
 
-def machine_load() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
-class OtherCpu:
-    """Share of the machine's CPU time that other processes used since construction: busy time from
-    ``/proc/stat`` minus this process's own (``getrusage``), over wall time x cores. Unlike the load
-    average it does not count this benchmark's own threads, so it tells whether the numbers were
-    taken on a busy machine."""
-
-    def __init__(self) -> None:
-        self.start = self._sample()
-
-    @staticmethod
-    def _sample() -> tuple[float, float, float]:
-        import resource
-
-        try:
-            with open("/proc/stat", encoding="ascii") as handle:
-                values = [int(v) for v in handle.readline().split()[1:9]]
-            busy_s = (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
-        except OSError:  # not Linux: unknown, counted as idle
-            busy_s = float("nan")
-        own = resource.getrusage(resource.RUSAGE_SELF)
-        return busy_s, own.ru_utime + own.ru_stime, time.perf_counter()
-
-    def share(self) -> float:
-        busy_s, own_s, now = self._sample()
-        wall = max(now - self.start[2], 1e-9) * (os.cpu_count() or 1)
-        share = ((busy_s - self.start[0]) - (own_s - self.start[1])) / wall
-        return 0.0 if share != share else round(max(0.0, share), 3)  # NaN (no /proc/stat): unknown
-
-
-def other_cpu_before(seconds: float = 2.0) -> float:
-    """Other processes' share of the CPU over the next ``seconds`` (this process sleeps)."""
-    meter = OtherCpu()
-    time.sleep(seconds)
-    return meter.share()
-
-
 # --------------------------------------------------------------------------------------------------
 # One run
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def run_once(
@@ -244,7 +195,7 @@ def run_once(
     running: list[int] = []
     used: list[int] = []
     pending = 0
-    others = OtherCpu()
+    others = harness.OtherCpu()
     start = time.perf_counter()
     while True:
         now = time.perf_counter() - start
@@ -289,8 +240,9 @@ def run_once(
         "peak_kv_blocks": max(used),
         "pool_blocks": total_blocks,
         "steps": len(running),
-        "ttft_p50_s": percentile(ttft, 0.5), "ttft_p99_s": percentile(ttft, 0.99), "ttft_mean_s": statistics.fmean(ttft),
-        "tpot_p50_s": percentile(tpot, 0.5), "tpot_p99_s": percentile(tpot, 0.99),
+        "ttft_p50_s": harness.percentile(ttft, 0.5), "ttft_p99_s": harness.percentile(ttft, 0.99),
+        "ttft_mean_s": statistics.fmean(ttft),
+        "tpot_p50_s": harness.percentile(tpot, 0.5), "tpot_p99_s": harness.percentile(tpot, 0.99),
         "tpot_mean_s": statistics.fmean(tpot) if tpot else float("nan"),
         "preemptions": after["preemptions"] - before["preemptions"],
         "blocks_freed": after["blocks_freed"] - before["blocks_freed"],
@@ -325,9 +277,9 @@ def summarise(name: str, settings: dict[str, Any] | None, runs: list[dict[str, A
     row: dict[str, Any] = {"name": name, "settings": settings or {"kv_policy": None}, "repeats": len(quiet),
                            "busy_runs_left_out": len(runs) - len(quiet)}
     for key in SUMMARISED:
-        values = [r[key] for r in quiet]
-        row[key] = statistics.median(values)
-        row[f"{key}_spread"] = [min(values), max(values)]
+        spread = harness.stats([r[key] for r in quiet])
+        row[key] = spread["median"]
+        row[f"{key}_spread"] = [spread["min"], spread["max"]]
     if running_trace is None:
         median_run = sorted(quiet, key=lambda r: r["wall_s"])[len(quiet) // 2]
         running_trace = median_run["running_trace"]
@@ -358,7 +310,7 @@ def merge_reports(paths: list[str], output: Path) -> dict[str, Any]:
         try:
             reports.append(json.loads(Path(path).read_text(encoding="utf-8")))
         except (OSError, ValueError) as err:
-            raise UsageError(f"--merge {path}: cannot read a vllm-bench report ({err})") from None
+            raise UsageError(f"--merge {path}: cannot read a kvcache bench serve report ({err})") from None
     first = reports[0]["meta"]
     for path, report in zip(paths[1:], reports[1:]):
         differ = [k for k in SAME_SETUP if report["meta"].get(k) != first.get(k)]
@@ -435,10 +387,7 @@ def hf_accuracy(model_path: str, dtype: str, tokenizer: Any, requests: list[Benc
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = harness.pyplot()
 
     scenarios = report["scenarios"]
     fig, axes = plt.subplots(1, len(scenarios) + 1, figsize=(5 * (len(scenarios) + 1), 4.2))
@@ -467,9 +416,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         f"{meta['pool_tokens']} tokens (~{meta['full_requests_in_pool']:.1f} full requests), budget {meta['budget']}, "
         f"load {meta['load_before'][0]}->{meta['load_after'][0]}", fontsize=9,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    harness.save_figure(fig, path, dpi=110)
 
 
 def print_table(scenario: dict[str, Any]) -> None:
@@ -488,9 +435,7 @@ def print_table(scenario: dict[str, Any]) -> None:
 
 
 def write_report(report: dict[str, Any], output: Path) -> None:
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=1))
-    plot(report, output.with_suffix(".png"))
+    harness.write_report(report, output, plot)
     for scenario in report["scenarios"]:
         print_table(scenario)
 
@@ -512,22 +457,14 @@ def run(args: argparse.Namespace) -> int:
         from vllm import LLM
     except ImportError:
         raise UsageError(
-            "kvcache vllm-bench needs vLLM: in a checkout run `make setup-vllm` and use .venv-vllm/bin/kvcache"
+            "kvcache bench serve needs vLLM: in a checkout run `make setup-vllm` and use .venv-vllm/bin/kvcache"
         ) from None
     import torch
     from transformers import AutoTokenizer
 
     from kvcache.engine_adapters.hf.models import resolve_model
 
-    warnings: list[str] = []
-    load_before = machine_load()
-    others_before = other_cpu_before()
-    if others_before > BUSY_SHARE:
-        warnings.append(
-            f"machine busy before the run: other processes used {100 * others_before:.0f}% of the CPU "
-            f"(load average {load_before} on {os.cpu_count()} cores)"
-        )
-        print(f"WARNING: {warnings[-1]}; figures taken under load are not evidence", file=sys.stderr, flush=True)
+    recorder = harness.Recorder("cpu", sample_s=2.0)
     model = str(resolve_model(args.model))
     tokenizer = AutoTokenizer.from_pretrained(model)
     requests = load_requests(tokenizer, args.requests, args.prompt_tokens)
@@ -549,30 +486,31 @@ def run(args: argparse.Namespace) -> int:
     results = []
     for setting, max_tokens, arrival in scenarios:
         arrivals = arrival_times(len(requests), arrival, args.request_rate, args.seed)
-        runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in configs}
-        loads = []
-        for repeat in range(args.repeats):
-            for name, settings in configs:
-                load = machine_load()
-                result = run_once(llm, tokenizer, requests, arrivals, max_tokens, settings, f"{setting}-{arrival}-{repeat}-{name}")
-                result["load_before"] = load
-                loads.append(load[0])
-                runs[name].append(result)
-                if result["other_cpu_share"] > BUSY_SHARE:
-                    message = (
-                        f"machine busy during {setting}/{arrival} {name} repeat {repeat}: other processes used "
-                        f"{100 * result['other_cpu_share']:.0f}% of the CPU"
-                    )
-                    warnings.append(message)
-                    print(f"WARNING: {message}", file=sys.stderr, flush=True)
-                print(
-                    f"{setting:13s} {arrival:7s} #{repeat} {name:10s} wall {result['wall_s']:6.1f}s "
-                    f"out {result['tokens_per_s']:6.1f} tok/s running max {result['max_running']} "
-                    f"compaction {100 * result['compaction_share']:4.1f}% acc {result['accuracy']:.2f} "
-                    f"preempt {result['preemptions']} leaked {result['leaked_blocks']} load {load[0]} "
-                    f"others {100 * result['other_cpu_share']:.0f}%",
-                    flush=True,
-                )
+        loads: list[float] = []
+        settings_of = dict(configs)
+
+        def measure(name: str) -> dict[str, Any]:
+            load = harness.load_average() or [float("nan")] * 3
+            tag = f"{setting}-{arrival}-{len(loads)}-{name}"  # request ids unique within the engine
+            result = run_once(llm, tokenizer, requests, arrivals, max_tokens, settings_of[name], tag)
+            result["load_before"] = load
+            loads.append(load[0])
+            return result
+
+        def report_run(name: str, repeat: int, result: dict[str, Any]) -> None:
+            if result["other_cpu_share"] > BUSY_SHARE:
+                recorder.warn(f"machine busy during {setting}/{arrival} {name} repeat {repeat}: other processes used "
+                              f"{100 * result['other_cpu_share']:.0f}% of the CPU")
+            print(
+                f"{setting:13s} {arrival:7s} #{repeat} {name:10s} wall {result['wall_s']:6.1f}s "
+                f"out {result['tokens_per_s']:6.1f} tok/s running max {result['max_running']} "
+                f"compaction {100 * result['compaction_share']:4.1f}% acc {result['accuracy']:.2f} "
+                f"preempt {result['preemptions']} leaked {result['leaked_blocks']} load {result['load_before'][0]} "
+                f"others {100 * result['other_cpu_share']:.0f}%",
+                flush=True,
+            )
+
+        runs = harness.alternate(list(settings_of), args.repeats, measure, after_each=report_run)
         rows = [summarise(name, settings, runs[name]) for name, settings in configs]
         compare_with_stock(rows)
         results.append({
@@ -587,7 +525,6 @@ def run(args: argparse.Namespace) -> int:
         for scenario in results:
             for row in scenario["configs"]:
                 row["accuracy_hf"] = accuracy_hf[row["name"]]
-    load_after = machine_load()
     meta = {
         "model": args.model, "dtype": args.dtype, "budget": args.budget, "requests": args.requests,
         "suite": f"kvlong {'/'.join(TASKS)} {SUITES[args.prompt_tokens]}",
@@ -596,30 +533,19 @@ def run(args: argparse.Namespace) -> int:
         "pool_tokens": pool_blocks * BLOCK_SIZE, "pool_blocks": pool_blocks, "block_size": BLOCK_SIZE,
         "full_requests_in_pool": pool_blocks * BLOCK_SIZE / longest, "batched_tokens": args.batched_tokens,
         "repeats": args.repeats, "seed": args.seed, "vllm": vllm.__version__, "torch": torch.__version__,
-        "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores".strip(),
-        "torch_threads": torch.get_num_threads(), "load_before": load_before, "load_after": load_after,
-        "other_cpu_share_before": others_before, "busy_share": BUSY_SHARE, "busy": bool(warnings), "warnings": warnings,
+        "torch_threads": torch.get_num_threads(), "busy_share": BUSY_SHARE, **recorder.finish(),
         "accuracy_hf": accuracy_hf,
     }
     report = {"meta": meta, "scenarios": results}
     write_report(report, output)
-    if warnings:
-        print(f"\nWARNING: the machine was busy during this run ({len(warnings)} warnings in the JSON); "
-              "figures taken under load are not evidence", file=sys.stderr)
+    if meta["warnings"]:
+        recorder.warn(f"the machine was busy during this run ({len(meta['warnings'])} warnings in the JSON); "
+                      "figures taken under load are not evidence")
     print(f"\nwrote {output} and {output.with_suffix('.png')}")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kvcache.eval.vllm_bench", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except UsageError as err:
-        parser.exit(2, f"vllm-bench: {err}\n")
-    return 2
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from kvcache.cli import bench_main
+
+    raise SystemExit(bench_main("serve"))

@@ -25,7 +25,7 @@ from typing import Any
 
 from kvcache.engine_adapters.vllm import config as kvconfig
 from kvcache.engine_adapters.vllm.plan import Planner, StepPlan
-from kvcache.eval.machine import busy_warning, machine
+from kvcache.eval import harness
 
 POLICIES = ({"kv_policy": "snapkv", "kv_budget": 0.25}, {"kv_policy": "h2o", "kv_budget": 0.25})
 BLOCK_SIZE = 128
@@ -69,16 +69,17 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 1:
             print(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}", file=sys.stderr)
             return 2
-    warning = busy_warning()
-    if warning:
-        print(warning, file=sys.stderr)
+    recorder = harness.Recorder("cpu")
     report: dict[str, Any] = {
         "command": " ".join(["python -m kvcache.eval.vllm_plan_size", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": machine(), "requests": args.requests, "prompt_tokens": args.prompt_tokens,
+        "requests": args.requests, "prompt_tokens": args.prompt_tokens,
         "decode_steps": args.decode_steps, "block_size": BLOCK_SIZE, "policies": {},
     }
+    names = [s["kv_policy"] for s in POLICIES]
+    all_runs = harness.alternate(names, args.repeats, lambda name: one_policy(
+        POLICIES[names.index(name)], args.requests, args.prompt_tokens, args.decode_steps))
     for settings in POLICIES:
-        runs = [one_policy(settings, args.requests, args.prompt_tokens, args.decode_steps) for _ in range(args.repeats)]
+        runs = all_runs[settings["kv_policy"]]
         prompt = runs[0]["prompt_step"]
         summary = {
             "prompt_step_bytes": prompt["bytes"],
@@ -92,11 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         }
         report["policies"][settings["kv_policy"]] = summary
         print(f"{settings['kv_policy']}: {json.dumps(summary)}")
-    report["machine"]["loadavg_at_end"] = machine()["loadavg_at_start"]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    report.update(recorder.finish())
+    harness.write_report(report, Path(args.out))
+    print(f"wrote {args.out}")
     return 0
 
 
