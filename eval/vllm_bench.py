@@ -48,6 +48,8 @@ DEFAULT_POLICIES = ("snapkv", "streaming", "h2o", "keyformer")
 TASKS = ("passkey", "multikey", "qa", "vartrack")
 SUITES = {1024: "1k", 2048: "2k"}  # --prompt-tokens -> the kvlong data files
 BLOCK_SIZE = 128  # vLLM's CPU default
+WORKLOADS = ("kvlong", "shared-prefix")
+NO_REUSE = "-no-reuse"  # shared-prefix: a configuration's twin whose requests skip reading the prefix cache
 
 
 @dataclass
@@ -63,6 +65,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="embedded model name or local HF folder")
     parser.add_argument("--policies", default=",".join(DEFAULT_POLICIES), help="comma-separated eviction policies")
     parser.add_argument("--budget", default="0.25", help="kept tokens: a fraction of the prompt (0.25) or a count (512)")
+    parser.add_argument("--workload", default="kvlong", choices=WORKLOADS,
+                        help="kvlong: distinct long documents with their questions; shared-prefix: one long system "
+                             "prompt (a document of facts) shared by every request, a distinct question each, each "
+                             "configuration with vLLM's prefix cache reused and not (skip_reading_prefix_cache)")
+    parser.add_argument("--prefix-tokens", type=int, default=1024,
+                        help="shared-prefix: tokens of the shared system prompt (about)")
     parser.add_argument("--requests", type=int, default=12, help="requests per run")
     parser.add_argument("--prompt-tokens", type=int, default=1024, choices=sorted(SUITES),
                         help="kvlong suite length: 1024 (*_1k.jsonl) or 2048 (*_2k.jsonl)")
@@ -101,7 +109,9 @@ def check_args(args: argparse.Namespace) -> tuple[list[tuple[str, dict[str, Any]
                              ("--prefill-max-tokens", args.prefill_max_tokens, 0)):
         if value < low:
             raise UsageError(f"{name} must be >= {low}, got {value}")
-    if args.requests > 16 * len(TASKS):
+    if args.workload == "shared-prefix" and not 256 <= args.prefix_tokens <= 3072:
+        raise UsageError(f"--prefix-tokens must be in [256, 3072], got {args.prefix_tokens}")
+    if args.workload == "kvlong" and args.requests > 16 * len(TASKS):
         raise UsageError(f"--requests: the kvlong suite has {16 * len(TASKS)} prompts per length; ask for at most that many")
     arrivals = [a.strip() for a in args.arrivals.split(",") if a.strip()]
     if not arrivals or any(a not in ("all", "poisson") for a in arrivals):
@@ -116,6 +126,8 @@ def check_args(args: argparse.Namespace) -> tuple[list[tuple[str, dict[str, Any]
         except kvconfig.KVPluginError as err:
             raise UsageError(f"--policies {policy}: {err}") from None
         configs.append((policy, settings))
+    if args.workload == "shared-prefix":
+        configs = [c for name, settings in configs for c in ((name, settings), (name + NO_REUSE, settings))]
     scenarios = [("decode-heavy", args.max_tokens, a) for a in arrivals]
     if args.prefill_max_tokens:
         scenarios += [("prefill-heavy", args.prefill_max_tokens, "all")]
@@ -142,6 +154,29 @@ def load_requests(tokenizer: Any, count: int, prompt_tokens: int) -> list[BenchR
         ) + row["gen_prefix"]
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         requests.append(BenchRequest(task, int(row["index"]), ids, list(row["outputs"]), MAX_GEN_TOKS[task]))
+    return requests
+
+
+def shared_prefix_requests(tokenizer: Any, count: int, prefix_tokens: int) -> list[BenchRequest]:
+    """``count`` requests sharing one system prompt of about ``prefix_tokens`` tokens (facts: the code of each of
+    N boxes) and asking each for a different box's code (the answer), chat-templated with an answer prefix."""
+    def facts(n: int) -> str:
+        return "You answer questions about the boxes in the archive. " + " ".join(
+            f"The code of box {i} is {(i * 7919 + 13) % 9973}." for i in range(n))
+
+    n = 8
+    while len(tokenizer(facts(n), add_special_tokens=False)["input_ids"]) < prefix_tokens:
+        n += 8
+    system = facts(n)
+    requests = []
+    for k in range(count):
+        box = (k * 37 + 5) % n
+        text = tokenizer.apply_chat_template(
+            [{"role": "system", "content": system}, {"role": "user", "content": f"What is the code of box {box}?"}],
+            add_generation_prompt=True, tokenize=False,
+        ) + f"The code of box {box} is"
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        requests.append(BenchRequest("shared-prefix", box, ids, [str((box * 7919 + 13) % 9973)], 8))
     return requests
 
 
@@ -173,21 +208,25 @@ def answer_score(tokenizer: Any, request: BenchRequest, tokens: list[int]) -> fl
 
 def run_once(
     llm: Any, tokenizer: Any, requests: list[BenchRequest], arrivals: list[float], max_tokens: int,
-    settings: dict[str, Any] | None, tag: str,
+    settings: dict[str, Any] | None, tag: str, reuse_prefix: bool = True,
 ) -> dict[str, Any]:
-    """Serve ``requests`` (arriving at ``arrivals`` seconds) under ``settings``; per-run metrics."""
+    """Serve ``requests`` (arriving at ``arrivals`` seconds) under ``settings``; per-run metrics. ``reuse_prefix``
+    False: the requests skip reading vLLM's prefix cache (``SamplingParams.skip_reading_prefix_cache``)."""
     from vllm import SamplingParams
 
     from kvcache.engine_adapters.vllm import inprocess
 
     inprocess.reconfigure(llm, settings)
+    llm.reset_prefix_cache()  # every run starts cold: reuse only within the run
     sched = inprocess.scheduler(llm)
     engine = llm.llm_engine
     runner = inprocess.model_runner(llm)
     total_blocks = sched.kv_cache_manager.block_pool.num_gpu_blocks - 1
     initial_free = inprocess.free_blocks(llm)
     before = dict(sched.kv_stats)
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, detokenize=False,
+                            skip_reading_prefix_cache=not reuse_prefix)
+    cached: dict[str, int] = {}
     ids = [f"{tag}-{i}" for i in range(len(requests))]
     first: dict[str, float] = {}
     finish: dict[str, float] = {}
@@ -216,6 +255,7 @@ def run_once(
             if out.finished:
                 finish[out.request_id] = now
                 tokens[out.request_id] = list(produced)
+                cached[out.request_id] = out.num_cached_tokens or 0
         running.append(len(sched.running))
         used.append(total_blocks - inprocess.free_blocks(llm))
     wall = time.perf_counter() - start
@@ -254,6 +294,8 @@ def run_once(
         "tokens_moved": worker_stats.get("tokens_moved", 0),
         "other_cpu_share": other_share,
         "leaked_blocks": initial_free - inprocess.free_blocks(llm),
+        "prefix_hit_tokens": sum(cached.values()),
+        "prefix_hit_share": sum(cached.values()) / prompt_tokens,
         "accuracy": statistics.fmean(scores),
         "scores": scores,
         "running_trace": running,
@@ -264,7 +306,7 @@ SUMMARISED = (
     "wall_s", "tokens_per_s", "total_tokens_per_s", "request_throughput", "max_running", "mean_running",
     "peak_kv_blocks", "steps", "ttft_p50_s", "ttft_p99_s", "ttft_mean_s", "tpot_p50_s", "tpot_p99_s", "tpot_mean_s",
     "preemptions", "blocks_freed", "tokens_evicted", "compactions", "compaction_s", "compaction_share",
-    "query_capture_s", "tokens_moved", "accuracy", "leaked_blocks", "other_cpu_share",
+    "query_capture_s", "tokens_moved", "accuracy", "leaked_blocks", "other_cpu_share", "prefix_hit_share",
 )
 
 
@@ -298,7 +340,7 @@ def compare_with_stock(rows: list[dict[str, Any]]) -> None:
         row["mean_concurrency_vs_stock"] = row["mean_running"] / stock["mean_running"]
 
 
-SAME_SETUP = ("model", "dtype", "budget", "requests", "suite", "prompt_tokens", "pool_tokens", "block_size",
+SAME_SETUP = ("model", "dtype", "budget", "requests", "workload", "suite", "prompt_tokens", "pool_tokens", "block_size",
               "batched_tokens", "seed", "vllm")
 
 
@@ -412,7 +454,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     axes[-1].legend(fontsize=7)
     meta = report["meta"]
     fig.suptitle(
-        f"vLLM plugin, {meta['model']} {meta['dtype']}, {meta['requests']} kvlong {meta['suite']} requests, pool "
+        f"vLLM plugin, {meta['model']} {meta['dtype']}, {meta['requests']} requests ({meta['suite']}), pool "
         f"{meta['pool_tokens']} tokens (~{meta['full_requests_in_pool']:.1f} full requests), budget {meta['budget']}, "
         f"load {meta['load_before'][0]}->{meta['load_after'][0]}", fontsize=9,
     )
@@ -430,7 +472,7 @@ def print_table(scenario: dict[str, Any]) -> None:
             f"{r['max_running']:5.0f}/{r['mean_running']:5.2f} {r['ttft_p50_s']:7.2f}/{r['ttft_p99_s']:6.2f} "
             f"{1000 * r['tpot_p50_s']:7.1f}/{1000 * r['tpot_p99_s']:7.1f} {r['preemptions']:7.0f} {r['blocks_freed']:5.0f} "
             f"{r['compaction_s']:9.2f} {100 * r['compaction_share']:5.1f}% {r['accuracy']:5.2f} "
-            f"{'' if hf is None else f'{hf:6.2f}'}"
+            f"{'' if hf is None else f'{hf:6.2f}'} hit {100 * r.get('prefix_hit_share', 0):3.0f}%"
         )
 
 
@@ -467,7 +509,10 @@ def run(args: argparse.Namespace) -> int:
     recorder = harness.Recorder("cpu", sample_s=2.0)
     model = str(resolve_model(args.model))
     tokenizer = AutoTokenizer.from_pretrained(model)
-    requests = load_requests(tokenizer, args.requests, args.prompt_tokens)
+    if args.workload == "shared-prefix":
+        requests = shared_prefix_requests(tokenizer, args.requests, args.prefix_tokens)
+    else:
+        requests = load_requests(tokenizer, args.requests, args.prompt_tokens)
     longest = max(len(r.prompt) for r in requests) + max(args.max_tokens, args.prefill_max_tokens)
     pool_tokens = args.pool_tokens or 3 * longest
     pool_blocks = -(-pool_tokens // BLOCK_SIZE)
@@ -492,7 +537,8 @@ def run(args: argparse.Namespace) -> int:
         def measure(name: str) -> dict[str, Any]:
             load = harness.load_average() or [float("nan")] * 3
             tag = f"{setting}-{arrival}-{len(loads)}-{name}"  # request ids unique within the engine
-            result = run_once(llm, tokenizer, requests, arrivals, max_tokens, settings_of[name], tag)
+            result = run_once(llm, tokenizer, requests, arrivals, max_tokens, settings_of[name], tag,
+                              reuse_prefix=not name.endswith(NO_REUSE))
             result["load_before"] = load
             loads.append(load[0])
             return result
@@ -521,13 +567,17 @@ def run(args: argparse.Namespace) -> int:
     accuracy_hf = None
     if args.hf_reference:
         print("HF adapter reference (same prompts, policy and budget):", flush=True)
-        accuracy_hf = hf_accuracy(model, args.dtype, tokenizer, requests, configs)
+        accuracy_hf = hf_accuracy(model, args.dtype, tokenizer, requests,
+                                  [c for c in configs if not c[0].endswith(NO_REUSE)])
+        accuracy_hf.update({name: accuracy_hf[name[: -len(NO_REUSE)]] for name, _ in configs if name.endswith(NO_REUSE)})
         for scenario in results:
             for row in scenario["configs"]:
                 row["accuracy_hf"] = accuracy_hf[row["name"]]
     meta = {
         "model": args.model, "dtype": args.dtype, "budget": args.budget, "requests": args.requests,
-        "suite": f"kvlong {'/'.join(TASKS)} {SUITES[args.prompt_tokens]}",
+        "workload": args.workload,
+        "suite": (f"kvlong {'/'.join(TASKS)} {SUITES[args.prompt_tokens]}" if args.workload == "kvlong" else
+                  f"one ~{args.prefix_tokens}-token system prompt shared by every request, one question each"),
         "prompt_tokens": [len(r.prompt) for r in requests], "request_tasks": [f"{r.task}#{r.index}" for r in requests],
         "max_tokens": args.max_tokens, "prefill_max_tokens": args.prefill_max_tokens,
         "pool_tokens": pool_blocks * BLOCK_SIZE, "pool_blocks": pool_blocks, "block_size": BLOCK_SIZE,

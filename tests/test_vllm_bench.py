@@ -77,6 +77,38 @@ def test_tiny_run_writes_the_report(tmp_path):
             assert merged_row["throughput_vs_stock"] == pytest.approx(row["throughput_vs_stock"])
 
 
+def test_prefix_tokens_out_of_range_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "serve", "--workload", "shared-prefix", "--prefix-tokens", "10"])
+    assert exit_info.value.code == 2
+    assert "--prefix-tokens must be in [256, 3072]" in capsys.readouterr().err
+
+
+@pytest.mark.e2e
+def test_shared_prefix_workload_reuses_the_prefix_and_compares_without(tmp_path):
+    """One system prompt for every request: each configuration runs with vLLM's prefix cache read and with it
+    skipped; the reuse rows hit the cache, the no-reuse rows do not, both leave the pool whole."""
+    out = tmp_path / "shared.json"
+    cmd = [
+        sys.executable, "-m", "kvcache.eval.vllm_bench", "--workload", "shared-prefix", "--prefix-tokens", "512",
+        "--policies", "snapkv", "--requests", "3", "--max-tokens", "4", "--prefill-max-tokens", "0", "--repeats", "1",
+        "--arrivals", "poisson", "--request-rate", "20", "--no-hf-reference", "--output", str(out),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["meta"]["workload"] == "shared-prefix"
+    rows = {row["name"]: row for row in report["scenarios"][0]["configs"]}
+    assert list(rows) == ["stock", "stock-no-reuse", "snapkv", "snapkv-no-reuse"]
+    for name, row in rows.items():
+        assert row["leaked_blocks"] == 0 and row["runs"][0]["output_tokens"] == 12
+        if name.endswith("-no-reuse"):
+            assert row["prefix_hit_share"] == 0
+        else:
+            assert row["prefix_hit_share"] > 0.4  # requests 2 and 3 read the 512-token system prompt's blocks
+    assert rows["snapkv"]["blocks_freed"] > 0 and rows["snapkv-no-reuse"]["blocks_freed"] > 0
+
+
 def test_merge_refuses_reports_of_different_setups(tmp_path, capsys):
     paths = []
     for i, budget in enumerate(("0.25", "0.5")):

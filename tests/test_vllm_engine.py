@@ -113,7 +113,7 @@ def test_plugin_scheduler_installed(llm):
 
     sched = inprocess.scheduler(llm)
     assert type(sched).__name__ == "KVCacheScheduler"
-    assert sched.vllm_config.cache_config.enable_prefix_caching is False
+    assert sched.vllm_config.cache_config.enable_prefix_caching is True  # vLLM's default, kept beside eviction
     assert inprocess.free_blocks(llm) == BLOCKS - 1  # block 0 is vLLM's null block
 
 

@@ -41,16 +41,17 @@ def test_inert_without_policy():
     assert engine_args.scheduler_cls is None and engine_args.enable_prefix_caching is None
 
 
-def test_policy_installs_scheduler_and_turns_prefix_caching_off():
-    engine_args = EngineArgs(model="m", enforce_eager=True, additional_config={"kv_policy": "snapkv", "kv_budget": 0.25})
+@pytest.mark.parametrize("prefix_caching", [None, True, False])
+def test_policy_installs_scheduler_and_keeps_prefix_caching(prefix_caching):
+    engine_args = EngineArgs(model="m", enforce_eager=True, enable_prefix_caching=prefix_caching,
+                             additional_config={"kv_policy": "snapkv", "kv_budget": 0.25})
     cfg = plugin.prepare_engine_args(engine_args)
     assert cfg.policy_name == "snapkv" and cfg.budget == 0.25
     assert engine_args.scheduler_cls == plugin.SCHEDULER_CLS
-    assert engine_args.enable_prefix_caching is False and engine_args.async_scheduling is False
+    assert engine_args.enable_prefix_caching is prefix_caching and engine_args.async_scheduling is False
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"enable_prefix_caching": True}, "prefix caching"),
     ({"async_scheduling": True}, "async scheduling"),
     ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2}}, "speculative decoding"),
     ({"kv_cache_dtype": "fp8"}, "kv-cache-dtype"),

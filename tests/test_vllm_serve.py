@@ -127,11 +127,11 @@ def test_32_concurrent_requests_complete(server):
 
 def test_fenced_feature_fails_at_launch_with_the_fix():
     proc = subprocess.run(
-        kvcache_cmd("smollm2-135m", "--kv-policy", "snapkv", "--enforce-eager", "--enable-prefix-caching"),
+        kvcache_cmd("smollm2-135m", "--kv-policy", "snapkv", "--enforce-eager", "--async-scheduling"),
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode != 0
-    assert "prefix caching" in proc.stderr and "--enable-prefix-caching" in proc.stderr
+    assert "async scheduling" in proc.stderr and "--async-scheduling" in proc.stderr
 
 
 def test_layer_budget_refused_at_launch_naming_hf_adapter():

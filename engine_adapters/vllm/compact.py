@@ -122,12 +122,19 @@ class StackedKV:
             return keys[0], values[0]
         return torch.cat(keys), torch.cat(values)
 
-    def move(self, blocks: torch.Tensor, source: torch.Tensor) -> int:
+    def move(self, blocks: torch.Tensor, source: torch.Tensor, dest_blocks: torch.Tensor | None = None) -> int:
         """Slot j of layer l, head h receives the key and value of slot ``source[l, h, j]`` (``[L, H_kv, C]``);
-        only the slots whose source differs are copied. Every source is read before any slot is written,
-        so sources may be destinations of others. Returns the tokens moved (per layer and head, summed)."""
+        slots are read through ``blocks`` and written through ``dest_blocks`` (default: ``blocks``; with prefix
+        caching, private blocks replace shared ones). Only the slots whose source or block differs are copied.
+        Every source is read before any slot is written, so sources may be destinations of others. Returns the
+        tokens moved (per layer and head, summed)."""
         capacity = source.shape[-1]
-        changed = source != torch.arange(capacity, device=source.device)
+        position = torch.arange(capacity, device=source.device)
+        changed = source != position
+        if dest_blocks is None:
+            dest_blocks = blocks
+        else:
+            changed |= dest_blocks[position // self.block_size] != blocks[position // self.block_size]
         layer, head, dest = changed.nonzero(as_tuple=True)
         if dest.numel() == 0:
             return 0
@@ -142,8 +149,8 @@ class StackedKV:
             h, s, t = head[mine], src[mine], dest[mine]
             keys = self._get(part.keys, self._key_table, lay, blocks[s // bs], h, s % bs)
             values = self._get(part.values, self._value_table, lay, blocks[s // bs], h, s % bs)
-            self._put(part.keys, self._key_table, lay, blocks[t // bs], h, t % bs, keys)
-            self._put(part.values, self._value_table, lay, blocks[t // bs], h, t % bs, values)
+            self._put(part.keys, self._key_table, lay, dest_blocks[t // bs], h, t % bs, keys)
+            self._put(part.values, self._value_table, lay, dest_blocks[t // bs], h, t % bs, values)
         return int(dest.numel())
 
 

@@ -42,6 +42,9 @@ class Compaction:
     max_new_tokens: int | None
     policy: str = ""  # the request's policy name (metrics, logs)
     overrides: tuple = ()  # the request's own kv settings (config.request_overrides; empty: the server's)
+    # With prefix caching: the blocks the kept tokens are written into (the request's first blocks, with the ones
+    # the prefix cache or another request also holds replaced by private ones); None: the request's own first blocks
+    dest_blocks: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -170,6 +173,29 @@ class Planner:
                 return None
         kept = budget.capacity if budget.compressed else prompt_len
         return max(0, self.pool_tokens - kept)
+
+    def prefix_hit_limit(self, req_id: str, prompt_len: int, num_tokens: int, chunk_evicts: bool = False) -> int:
+        """The most tokens of a request that may come from vLLM's prefix cache: a compressed request recomputes
+        at least the prompt queries its policy scores with (its last ``observed_queries``), so a prefix hit
+        gives the same scores, and the same kept tokens, as a run without prefix caching. A request evicted
+        chunk by chunk holds the hit and its first chunk before its first compaction: at most C tokens come from
+        the cache, so it never holds more than the C + chunk its admission counted."""
+        rule = self.rule(req_id)
+        budget = rule.plan.request(prompt_len)
+        if not budget.compressed:
+            return num_tokens
+        limit = max(0, prompt_len - rule.plan.observed_queries(prompt_len, MAX_OBSERVED))
+        return min(limit, budget.capacity) if chunk_evicts else limit
+
+    def postpone(self, req_id: str, compaction: Compaction) -> None:
+        """Undo the planning of ``compaction`` (its blocks could not be made private this step): the request
+        stays as it was and is planned again at its next step."""
+        state = self.states.get(req_id)
+        if state is None:
+            return
+        state.shift = compaction.logical - compaction.physical
+        if compaction.phase == "prefill":
+            state.compressed = False
 
     def forget(self, req_id: str) -> None:
         """Drop the request's eviction state (preempted: it recomputes and is evicted again); its settings stay."""

@@ -10,8 +10,9 @@ before it parses arguments. The plugin is inert unless ``additional_config`` car
 * The front end's ``InputProcessor.process_inputs`` checks a request's own ``kv_policy``/``kv_budget``/``kv_window``
   (``vllm_xargs``) against those limits and refuses what the plugin would serve wrongly, with a 400.
 * ``EngineArgs.create_engine_config`` validates the settings, fences off what the plugin cannot handle
-  (with the fix in the message), turns prefix caching off by default and installs the scheduler
-  subclass :class:`kvcache.engine_adapters.vllm.scheduler.KVCacheScheduler`.
+  (with the fix in the message) and installs the scheduler subclass
+  :class:`kvcache.engine_adapters.vllm.scheduler.KVCacheScheduler`. vLLM's prefix caching stays as the user
+  set it (on by default): the scheduler keeps shared blocks out of compactions.
 * When vLLM's V1 model runner module is imported (in the worker process) its input preparation and
   step are wrapped (:mod:`kvcache.engine_adapters.vllm.worker`); patching happens lazily through an
   import hook so that processes that never run a model do not import the model runner. The attention
@@ -167,11 +168,6 @@ def prepare_engine_args(engine_args: Any) -> kvconfig.KVPluginConfig | None:
     if _version_error is not None:
         raise _version_error
     problems = []
-    if engine_args.enable_prefix_caching:
-        problems.append(
-            "prefix caching: compacted blocks no longer hold the tokens their hashes name; "
-            "drop --enable-prefix-caching (the plugin turns it off by default)"
-        )
     if engine_args.async_scheduling:
         problems.append("async scheduling: the eviction barrier needs each step's output first; drop --async-scheduling")
     if engine_args.speculative_config:
@@ -204,7 +200,6 @@ def prepare_engine_args(engine_args: Any) -> kvconfig.KVPluginConfig | None:
     if not engine_args.enforce_eager:
         logger.info("kvcache: eager mode turned on (--enforce-eager): the plugin reads queries inside the attention backend")
         engine_args.enforce_eager = True
-    engine_args.enable_prefix_caching = False
     engine_args.async_scheduling = False
     engine_args.scheduler_cls = SCHEDULER_CLS
     if (engine_args.pipeline_parallel_size or 1) > 1 and cfg.chunk_evict is None:
@@ -244,8 +239,6 @@ def check_vllm_config(vllm_config: Any) -> None:
         )
     if vllm_config.scheduler_config.async_scheduling:
         problems.append("async scheduling (pass --no-async-scheduling)")
-    if vllm_config.cache_config.enable_prefix_caching:
-        problems.append("prefix caching (pass --no-enable-prefix-caching)")
     if problems:
         raise KVPluginError("kvcache --kv-policy does not support " + "; ".join(problems) + " yet")
 

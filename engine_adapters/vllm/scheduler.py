@@ -28,8 +28,10 @@ Seams in vLLM 0.32 (``vllm/v1/core/sched/scheduler.py``, ``vllm/v1/core/kv_cache
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
+import sys
 from typing import Any
 
 from vllm.v1.core.sched.scheduler import Scheduler
@@ -51,6 +53,43 @@ except ImportError:  # pragma: no cover - vLLM is always there when these run
     logger = logging.getLogger("vllm.kvcache")
 
 
+# ``SingleTypeKVCacheManager.num_cached_block`` of a compacted request: vLLM hashes (offers to the prefix cache)
+# only the blocks past this count, so none of its blocks is hashed again.
+NEVER_CACHED = sys.maxsize
+
+
+def private_destinations(blocks: list[Any], keep: int, pool: Any) -> list[Any] | None:
+    """Make ``blocks[:keep]`` writable by their request alone (``BlockPool.is_block_writable``: held once and not
+    in the prefix cache), replacing in place in ``blocks`` each one that is not. Returns the blocks replaced,
+    whose reference the caller releases after the compaction, or None (nothing changed) when it cannot be done.
+
+    A replacement comes from the free pool (the shared block stays cached, so later requests with the same prefix
+    still hit it); with the pool empty, a block the request alone holds is taken out of the prefix cache and
+    written: its own destination, or one of its tail blocks (past ``keep``, evicted anyway) swapped in for a
+    block another request also holds."""
+    needs = [i for i in range(keep) if not pool.is_block_writable(blocks[i])]
+    if not needs:
+        return []
+    shared = [i for i in needs if blocks[i].ref_cnt > 1]
+    spare_tail = [j for j in range(keep, len(blocks)) if blocks[j].ref_cnt == 1]
+    free = pool.get_num_free_blocks()
+    if len(shared) > free + len(spare_tail):
+        return None
+    fresh = pool.get_new_blocks(min(free, len(needs)))
+    replaced = []
+    for i in shared + [i for i in needs if blocks[i].ref_cnt == 1]:  # shared ones first take the fresh blocks
+        if fresh:
+            replaced.append(blocks[i])
+            blocks[i] = fresh.pop(0)
+        elif blocks[i].ref_cnt == 1:
+            pool.evict_blocks({blocks[i].block_id})  # the request alone holds it: out of the prefix cache
+        else:
+            j = spare_tail.pop()
+            pool.evict_blocks({blocks[j].block_id})
+            blocks[i], blocks[j] = blocks[j], blocks[i]  # the shared block goes to the tail, freed after
+    return replaced
+
+
 class KVCacheScheduler(Scheduler):
     """vLLM's scheduler plus token eviction with freed blocks (inert without ``kv_policy``)."""
 
@@ -64,6 +103,7 @@ class KVCacheScheduler(Scheduler):
         # the blocks they need ("length"), and those whose own kv settings are invalid (error)
         self._kv_ending: dict[str, tuple[RequestStatus, str]] = {}
         self._kv_ended: list[tuple[Any, str]] = []
+        self._kv_replaced: dict[str, list[Any]] = {}  # prefix caching: shared blocks a compaction copies out of
         self.kv_stats = {"compactions": 0, "blocks_freed": 0, "tokens_evicted": 0, "preemptions": 0}
         if self.kv_cfg is None:
             return
@@ -100,6 +140,23 @@ class KVCacheScheduler(Scheduler):
                 request.num_computed_tokens += shift
 
         manager.allocate_slots = allocate_slots
+        if manager.enable_caching:
+            lookup = manager.get_computed_blocks
+
+            @functools.wraps(lookup)
+            def get_computed_blocks(request: Any) -> Any:
+                blocks, hit, *rest = lookup(request)
+                if self.kv_planner is None:  # inert (settings swapped off in-process): vLLM's own rule
+                    return (blocks, hit, *rest)
+                limit = self.kv_planner.prefix_hit_limit(
+                    request.request_id, request.num_prompt_tokens, request.num_tokens, self._kv_chunk_evicts(request)
+                )
+                if hit > limit:
+                    hit = limit // self.kv_block_size * self.kv_block_size
+                    blocks = manager.truncate_computed_blocks(blocks, hit)
+                return (blocks, hit, *rest)
+
+            manager.get_computed_blocks = get_computed_blocks
         logger.info("kvcache: eviction enabled in vLLM: %s", self.kv_cfg.as_dict())
         if self.kv_planner.observation_note:
             logger.warning("kvcache: %s", self.kv_planner.observation_note)
@@ -154,7 +211,9 @@ class KVCacheScheduler(Scheduler):
         for running in self.running:
             planned = planner.planned_blocks(running.request_id, running.num_prompt_tokens, running.max_tokens)
             if planned is not None:
-                held = len(manager.req_to_blocks.get(running.request_id, ()))
+                # blocks it alone holds: a prefix-cache block shared with others is not its own (its compaction
+                # copies the kept tokens into private blocks and leaves the shared one to the others)
+                held = sum(block.ref_cnt == 1 for block in manager.req_to_blocks.get(running.request_id, ()))
                 reserved += max(0, min(planned, blocks_for(running.num_prompt_tokens, self.kv_block_size)) - held)
         if not reserved:
             return True
@@ -263,8 +322,39 @@ class KVCacheScheduler(Scheduler):
                 ),
                 prompt_logprobs=self._kv_wants_prompt_logprobs(request),
             )
+        if self.kv_cache_manager.enable_caching:
+            self._kv_private_destinations(plan)
         attach(output, plan)
         return output
+
+    def _kv_private_destinations(self, plan: StepPlan) -> None:
+        """Prefix caching: a compaction writes the kept tokens into the request's first blocks, but a block that
+        another request or the prefix cache also holds (a prefix hit, or a full block vLLM hashed) must keep the
+        tokens its hash names. Each such destination gets a private block (from the free pool; when the pool is
+        empty, one of the request's own tail blocks, or the block itself when the request alone holds it, taken
+        out of the prefix cache); the shared one stays cached, readable by the others, and this request's
+        reference to it is released after the compaction (:meth:`_free_evicted_blocks`). From its first
+        compaction on, the request's blocks are never hashed again (their slots no longer hold the tokens their
+        hashes would name). A compaction that cannot get private blocks (every other block shared and the pool
+        full) waits for a later step."""
+        manager = self.kv_cache_manager.coordinator.single_type_managers[0]
+        pool = self.kv_cache_manager.block_pool
+        for req_id, compaction in list(plan.compact.items()):
+            blocks = manager.req_to_blocks.get(req_id)
+            if not blocks:
+                continue
+            keep = blocks_for(compaction.target, self.kv_block_size)
+            replaced = private_destinations(blocks, keep, pool)
+            if replaced is None:
+                del plan.compact[req_id]
+                self.kv_planner.postpone(req_id, compaction)
+                continue
+            manager.num_cached_block[req_id] = NEVER_CACHED
+            if replaced:
+                self._kv_replaced.setdefault(req_id, []).extend(replaced)
+                plan.compact[req_id] = dataclasses.replace(
+                    compaction, dest_blocks=tuple(block.block_id for block in blocks[:keep])
+                )
 
     def update_from_output(self, scheduler_output: Any, model_runner_output: Any) -> Any:
         plan = plan_of(scheduler_output)
@@ -293,14 +383,18 @@ class KVCacheScheduler(Scheduler):
     def _free_evicted_blocks(self, plan: StepPlan) -> None:
         manager = self.kv_cache_manager.coordinator.single_type_managers[0]
         for req_id, compaction in plan.compact.items():
+            # shared blocks the compaction copied out of (prefix caching): released whether or not the request
+            # is still there (its own blocks went back with it); freed last, so the prefix cache keeps them longest
+            replaced = self._kv_replaced.pop(req_id, [])
             blocks = manager.req_to_blocks.get(req_id)
             if not blocks:
+                self.kv_cache_manager.block_pool.free_blocks(reversed(replaced))
                 continue
             keep = blocks_for(compaction.target, self.kv_block_size)
             tail = blocks[keep:]
-            if tail:
+            if tail or replaced:
                 del blocks[keep:]
-                self.kv_cache_manager.block_pool.free_blocks(reversed(tail))
+                self.kv_cache_manager.block_pool.free_blocks([*reversed(tail), *reversed(replaced)])
             evicted = compaction.physical - compaction.target
             self.kv_stats["compactions"] += 1
             self.kv_stats["blocks_freed"] += len(tail)

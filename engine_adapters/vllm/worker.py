@@ -442,7 +442,8 @@ class WorkerKV:
         keep, _ = select_keep(scores, obs.key_valid, protected, torch.tensor([c.target], device=device), c.target, key_index)
         # prompt compactions keep slot order; decode re-compactions refill the evicted slots in place
         source = fill_holes(keep, c.target) if c.phase == "decode" else compact_order(keep)
-        self.stats["tokens_moved"] += cache.move(blocks, source)
+        dest = None if c.dest_blocks is None else torch.tensor(c.dest_blocks, dtype=torch.long, device=device)
+        self.stats["tokens_moved"] += cache.move(blocks, source, dest)
         buffers.slot_pos = key_index.gather(-1, source)
         if every_step:
             buffers.scores = scores.gather(-1, source)
@@ -450,9 +451,14 @@ class WorkerKV:
         n_keep = blocks_for(c.target, cache.block_size)
         self.stats["blocks_released"] += max(0, len(block_ids) - n_keep)
         del block_ids[n_keep:]
+        if c.dest_blocks is not None:  # prefix caching: private blocks replaced shared ones
+            block_ids[:] = c.dest_blocks
         row = runner.input_batch.req_id_to_index.get(req_id)
         if row is not None:
-            runner.input_batch.block_table[0].num_blocks_per_row[row] = n_keep
+            table = runner.input_batch.block_table[0]
+            table.num_blocks_per_row[row] = n_keep
+            if c.dest_blocks is not None:
+                table.block_table.np[row, :n_keep] = c.dest_blocks
         if c.phase != "chunk":
             buffers.queries, buffers.query_pos = None, None
         self.stats["compactions"] += 1
