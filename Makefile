@@ -12,7 +12,7 @@ CONSTRAINTS := constraints.txt
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.kvcache-installed
 VLLM_CONSTRAINTS := constraints-vllm.txt
-VLLM_TESTS := tests/test_vllm_config.py tests/test_vllm_plugin.py tests/test_vllm_kernel.py tests/test_vllm_engine.py tests/test_vllm_serve.py tests/test_vllm_bench.py tests/test_vllm_parallel.py tests/test_vllm_faults.py
+VLLM_TESTS := tests/test_vllm_config.py tests/test_vllm_plugin.py tests/test_vllm_kernel.py tests/test_vllm_engine.py tests/test_vllm_serve.py tests/test_vllm_bench.py tests/test_vllm_parallel.py tests/test_vllm_faults.py tests/test_vllm_prefix.py
 
 LATEST_VENV := .venv-latest
 LATEST_VLLM_VENV := .venv-vllm-latest
