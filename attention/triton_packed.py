@@ -159,7 +159,7 @@ def attend_packed(
     block_d = max(16, triton.next_power_of_2(d))
     if rows_per_split is None:
         splits_wanted = max(1, TARGET_PROGRAMS // (b * h_kv * row_blocks * max(1, len(regions))))
-        most_rows = max(layout.fp_keys.shape[2], *(tier.k_codes.shape[2] for tier in layout.tiers))
+        most_rows = max([layout.fp_keys.shape[2], *(tier.k_codes.shape[2] for tier in layout.tiers)])
         rows_per_split = BLOCK_KEYS * max(1, triton.cdiv(triton.cdiv(most_rows, splits_wanted), BLOCK_KEYS))
     elif rows_per_split <= 0 or rows_per_split % BLOCK_KEYS:
         raise ValueError(f"rows_per_split must be a positive multiple of {BLOCK_KEYS}, got {rows_per_split}")

@@ -248,3 +248,9 @@ def test_packed_decode_edge_cases():
     )
     with pytest.raises(ValueError, match="mask must be"):
         triton_packed.attend_packed(torch.ones(2, 4, 1, D), store, torch.ones(2, 2, 3, dtype=torch.bool))
+    recent_only = filled_store("kivi:residual=64", prompt=10, steps=0, seed=1)  # every row still full precision
+    assert not recent_only.packed_layout().tiers and recent_only.packed_layout().fp_keys.shape[2] == 10
+    torch.testing.assert_close(
+        triton_packed.attend_packed(torch.ones(2, 4, 1, D), recent_only),
+        quantized.attend_packed(torch.ones(2, 4, 1, D), recent_only), rtol=1e-5, atol=1e-5,
+    )
