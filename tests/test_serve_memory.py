@@ -31,6 +31,13 @@ def test_cpu_environment_preloads_tcmalloc_when_found():
     assert fresh["LD_PRELOAD"] == "libtcmalloc_minimal.so.4"
 
 
+def test_a_server_without_tcmalloc_says_so_in_one_line():
+    assert launcher.tcmalloc_warning({}).count("\n") == 0
+    assert "apt-get install libtcmalloc-minimal4" in launcher.tcmalloc_warning({})
+    assert launcher.tcmalloc_warning({"LD_PRELOAD": "libtcmalloc_minimal.so.4"}) is None
+    assert launcher.tcmalloc_warning({"KVCACHE_TCMALLOC": "0"}) is None
+
+
 def test_memlog_is_off_by_default():
     if os.environ.get("KVCACHE_WORKER_MEMLOG"):
         return
