@@ -116,6 +116,11 @@ def find_tcmalloc() -> str | None:
     return ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")
 
 
+def _tcmalloc_missing(environ: Any) -> bool:
+    """tcmalloc is wanted (``KVCACHE_TCMALLOC`` not 0) and not in ``LD_PRELOAD`` yet."""
+    return environ.get("KVCACHE_TCMALLOC", "1") != "0" and "tcmalloc" not in environ.get("LD_PRELOAD", "")
+
+
 def set_cpu_environment(environ: Any = os.environ, find: Any = find_tcmalloc) -> dict[str, str]:
     """Set :data:`CPU_ENVIRONMENT` in ``environ`` where it is not set already, and put tcmalloc first in
     ``LD_PRELOAD`` (for the processes started from here) when found and not there; returns what was set."""
@@ -124,7 +129,7 @@ def set_cpu_environment(environ: Any = os.environ, find: Any = find_tcmalloc) ->
         if key not in environ:
             environ[key] = applied[key] = value
     preload = environ.get("LD_PRELOAD", "")
-    if environ.get("KVCACHE_TCMALLOC", "1") != "0" and "tcmalloc" not in preload:
+    if _tcmalloc_missing(environ):
         library = find()
         if library:
             environ["LD_PRELOAD"] = applied["LD_PRELOAD"] = f"{library}:{preload}" if preload else library
@@ -133,7 +138,7 @@ def set_cpu_environment(environ: Any = os.environ, find: Any = find_tcmalloc) ->
 
 def tcmalloc_warning(environ: Any = os.environ) -> str | None:
     """One line for the log when the engine and workers run without tcmalloc (not installed, not turned off)."""
-    if environ.get("KVCACHE_TCMALLOC", "1") == "0" or "tcmalloc" in environ.get("LD_PRELOAD", ""):
+    if not _tcmalloc_missing(environ):
         return None
     return (
         "kvcache serve: tcmalloc not found, so vLLM's CPU worker uses glibc's malloc, whose heap keeps growing on a "

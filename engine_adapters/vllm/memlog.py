@@ -26,7 +26,18 @@ try:
 except ImportError:  # pragma: no cover
     logger = logging.getLogger("vllm.kvcache")
 
-EVERY = int(os.environ.get("KVCACHE_WORKER_MEMLOG", "0") or 0)
+def _every(value: str) -> int:
+    """``KVCACHE_WORKER_MEMLOG``: a whole number of steps (0 or unset: off)."""
+    try:
+        every = int(value or 0)
+    except ValueError:
+        every = -1
+    if every < 0:
+        raise ValueError(f"KVCACHE_WORKER_MEMLOG={value!r}: set a whole number of model steps (e.g. 100), or unset it")
+    return every
+
+
+EVERY = _every(os.environ.get("KVCACHE_WORKER_MEMLOG", "0"))
 TRACE = EVERY > 0 and os.environ.get("KVCACHE_TRACEMALLOC", "") not in ("", "0")
 TRIM = EVERY > 0 and os.environ.get("KVCACHE_MALLOC_TRIM", "") not in ("", "0")
 
